@@ -1,0 +1,164 @@
+"""Exact weighted kNN over a gallery of L2-normalised features, in bounded memory.
+
+Search streams queries and gallery in blocks (working memory O(query_block * gallery_block)),
+keeping a running top-k per query. Classification follows the reference: among the k nearest
+gallery items, class c scores sum_{neighbours of class c} exp(s / sigma).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import SncaError
+
+DEFAULT_BLOCK_BYTES = 64 << 20  # fp32 similarity block per (query block x gallery block)
+
+
+@dataclass
+class KNNResult:
+    """Neighbours and votes for a set of queries.
+
+    similarities / indices: (Q, k) sorted by decreasing similarity; indices point into the
+    gallery (or through ``gallery_ids`` when given). scores: (Q, C) weighted class votes of
+    the largest k searched. predictions: (Q, min(5, C)) classes by decreasing score.
+    """
+
+    similarities: Tensor
+    indices: Tensor
+    scores: Tensor
+    predictions: Tensor
+
+
+def _check_pair(queries: Tensor, gallery: Tensor) -> None:
+    if queries.ndim != 2 or gallery.ndim != 2:
+        raise SncaError("queries and gallery must be 2-D (num, dim) feature matrices")
+    if queries.shape[1] != gallery.shape[1]:
+        raise SncaError(f"queries have dim {queries.shape[1]}, gallery has dim {gallery.shape[1]}")
+
+
+@torch.no_grad()
+def knn_search(
+    queries: Tensor,
+    gallery: Tensor,
+    k: int,
+    exclude: Tensor | None = None,
+    query_block: int = 1024,
+    gallery_block: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k inner-product search (cosine for normalised rows).
+
+    Args:
+        exclude: optional (Q,) gallery row to skip for each query (-1 for none), e.g. the
+            query's own row when the queries are the gallery itself (leave-one-out).
+
+    Returns (similarities, indices), each (Q, k'), k' = min(k, number of usable gallery rows),
+    sorted by decreasing similarity. Raises if k < 1 or the gallery is empty.
+    """
+    _check_pair(queries, gallery)
+    if k < 1:
+        raise SncaError(f"k must be >= 1, got {k}")
+    num_g = gallery.shape[0]
+    if num_g == 0:
+        raise SncaError("the gallery is empty: add labelled examples before searching")
+    k_eff = min(k, num_g - (1 if exclude is not None else 0))
+    if k_eff < 1:
+        raise SncaError("the gallery has no row left once each query's own row is excluded")
+    device = gallery.device
+    queries = queries.to(device)
+    dtype = torch.float32 if gallery.dtype not in (torch.float32, torch.float64) else gallery.dtype
+    if gallery_block is None:
+        gallery_block = max(4096, DEFAULT_BLOCK_BYTES // (4 * min(query_block, max(len(queries), 1))))
+    out_sims = torch.empty(len(queries), k_eff, dtype=dtype, device=device)
+    out_idx = torch.empty(len(queries), k_eff, dtype=torch.long, device=device)
+    for qa in range(0, len(queries), query_block):
+        q = queries[qa : qa + query_block].to(dtype)
+        excl = None if exclude is None else exclude[qa : qa + query_block].to(device)
+        best_s = best_i = None
+        for ga in range(0, num_g, gallery_block):
+            g = gallery[ga : ga + gallery_block].to(dtype)
+            sims = q @ g.t()
+            if excl is not None:
+                local = excl - ga
+                hit = (local >= 0) & (local < g.shape[0])
+                if bool(hit.any()):
+                    sims[torch.nonzero(hit).flatten(), local[hit]] = -torch.inf
+            kk = min(k_eff, sims.shape[1])
+            if kk == 1:
+                s, i = sims.max(dim=1, keepdim=True)
+            else:
+                s, i = sims.topk(kk, dim=1)
+            i = i + ga
+            if best_s is None:
+                best_s, best_i = s, i
+            else:
+                cat_s, cat_i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+                best_s, pick = cat_s.topk(min(k_eff, cat_s.shape[1]), dim=1)
+                best_i = cat_i.gather(1, pick)
+        out_sims[qa : qa + len(q)] = best_s
+        out_idx[qa : qa + len(q)] = best_i
+    return out_sims, out_idx
+
+
+def vote(
+    similarities: Tensor, neighbor_labels: Tensor, num_classes: int, sigma: float
+) -> Tensor:
+    """Weighted class scores (Q, C): sum of exp(s / sigma) over the neighbours of each class,
+    normalised per query to sum to 1 (a class posterior).
+
+    Weights are computed as exp((s - s_max) / sigma): the same ranking as exp(s / sigma), with
+    every term in (0, 1], so no sigma underflows or overflows.
+    """
+    if not sigma > 0:
+        raise SncaError(f"sigma (kNN temperature) must be > 0, got {sigma}")
+    sims = similarities.float()
+    weights = torch.exp((sims - sims.amax(dim=1, keepdim=True)) / sigma)
+    scores = torch.zeros(similarities.shape[0], num_classes, device=similarities.device)
+    scores.scatter_add_(1, neighbor_labels.long(), weights)
+    return scores / scores.sum(dim=1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+@torch.no_grad()
+def knn_classify(
+    queries: Tensor,
+    gallery: Tensor,
+    gallery_labels: Tensor,
+    k: int | Sequence[int] = 30,
+    sigma: float = 0.05,
+    num_classes: int | None = None,
+    exclude: Tensor | None = None,
+    gallery_ids: Tensor | None = None,
+    query_block: int = 1024,
+) -> KNNResult | dict[int, KNNResult]:
+    """Weighted kNN classification. With a sequence of k, one search serves them all and a
+    dict {k: KNNResult} is returned."""
+    ks = [k] if isinstance(k, int) else sorted(set(int(x) for x in k))
+    if not ks or min(ks) < 1:
+        raise SncaError(f"k must be >= 1, got {k}")
+    gallery_labels = torch.as_tensor(gallery_labels, device=gallery.device).long().flatten()
+    if gallery_labels.numel() != gallery.shape[0]:
+        raise SncaError(f"gallery has {gallery.shape[0]} rows but {gallery_labels.numel()} labels")
+    if num_classes is None:
+        num_classes = int(gallery_labels.max()) + 1 if gallery_labels.numel() else 0
+    sims, idx = knn_search(queries, gallery, max(ks), exclude=exclude, query_block=query_block)
+    neighbor_labels = gallery_labels[idx]
+    ids = idx if gallery_ids is None else torch.as_tensor(gallery_ids, device=idx.device)[idx]
+    results = {}
+    for kk in ks:
+        kk_eff = min(kk, sims.shape[1])
+        scores = vote(sims[:, :kk_eff], neighbor_labels[:, :kk_eff], num_classes, sigma)
+        predictions = scores.topk(min(5, num_classes), dim=1).indices
+        results[kk] = KNNResult(sims[:, :kk_eff], ids[:, :kk_eff], scores, predictions)
+    return results[ks[0]] if isinstance(k, int) else results
+
+
+def topk_accuracy(predictions: Tensor, targets: Tensor, topk: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Fraction of queries whose target is among the first t predictions, for each t."""
+    targets = torch.as_tensor(targets, device=predictions.device).long().flatten()
+    if predictions.shape[0] != targets.numel():
+        raise SncaError(f"{predictions.shape[0]} predictions but {targets.numel()} targets")
+    hits = predictions == targets[:, None]
+    return {t: float(hits[:, :t].any(dim=1).float().mean()) if targets.numel() else 0.0 for t in topk}

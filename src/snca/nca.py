@@ -1,0 +1,347 @@
+"""Exact NCA loss against a memory bank, streamed in chunks (DESIGN.md section 2).
+
+For a query v_i with logits l_ik = v_i . m_k / T over every slot k except its own:
+
+    p_i  = sum_{k in same class} e^{l_ik} / sum_k e^{l_ik}          loss_i = -log p_i
+    dL_i/dv_i = (1/T) * ( sum_k p_ik m_k - sum_{k same} (p_ik / p_i) m_k )
+
+Everything the loss and its gradient need is six per-query statistics, each a sum that can be
+accumulated over any partition of the memory:
+
+    max_other, sum_other = sum_{k other class} e^{l_ik - max_other},  vec_other = (same) * m_k
+    max_same,  sum_same  = (same, over same-class k != own slot),     vec_same  = (same) * m_k
+
+One streaming pass over the memory (similarities, then exp-weights times slots: the two
+matrix products of the naive form) gives the ``*_other`` terms with an online max, same-class
+logits masked out. Because the bank keeps slots grouped by class, each query's same-class
+slots are one contiguous slice, so the ``*_same`` terms cost B * N / C * D instead of a third
+full pass. Keeping the two sets disjoint means the denominator sum_other + w * sum_same never
+subtracts (a margin w = exp(-delta / T) stays accurate at small T). Per-shard statistics merge
+exactly (rescale to the larger max, then add), which is how the sharded bank combines ranks.
+
+The forward pass computes the gradient too; backward only scales it. No B x N tensor exists:
+working memory is O(B * chunk + B * D).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from .errors import SncaError
+from .memory import MemoryBank
+
+DEFAULT_CHUNK_BYTES = 8 << 20  # B x chunk fp32 logits: 8 MiB keeps the block cache-friendly on CPU
+
+
+@dataclass
+class NCAStats:
+    """Per-query partial sums over some set of memory slots (see module docstring)."""
+
+    max_other: Tensor
+    sum_other: Tensor
+    vec_other: Tensor
+    max_same: Tensor
+    sum_same: Tensor
+    vec_same: Tensor
+
+    @classmethod
+    def empty(cls, num_queries: int, dim: int, device: torch.device) -> NCAStats:
+        def neg_inf() -> Tensor:
+            return torch.full((num_queries,), -math.inf, device=device)
+
+        zeros = torch.zeros
+        return cls(
+            neg_inf(), zeros(num_queries, device=device), zeros(num_queries, dim, device=device),
+            neg_inf(), zeros(num_queries, device=device), zeros(num_queries, dim, device=device),
+        )
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def _rescale(max_old: Tensor, max_new: Tensor) -> Tensor:
+    """exp(max_old - max_new), with 0 where max_old is -inf (nothing accumulated yet)."""
+    scale = torch.exp(max_old - max_new)
+    return torch.where(torch.isfinite(max_old), scale, torch.zeros_like(scale))
+
+
+def rescale_stats(stats: NCAStats, max_other: Tensor, max_same: Tensor) -> NCAStats:
+    """Express ``stats`` relative to new (larger or equal) maxima, so partial sums can be added."""
+    a = _rescale(stats.max_other, max_other)
+    s = _rescale(stats.max_same, max_same)
+    return NCAStats(
+        max_other, stats.sum_other * a, stats.vec_other * a[:, None],
+        max_same, stats.sum_same * s, stats.vec_same * s[:, None],
+    )
+
+
+def merge_stats(first: NCAStats, second: NCAStats) -> NCAStats:
+    """Exact combination of statistics computed over two disjoint sets of slots."""
+    max_other = torch.maximum(first.max_other, second.max_other)
+    max_same = torch.maximum(first.max_same, second.max_same)
+    a, b = rescale_stats(first, max_other, max_same), rescale_stats(second, max_other, max_same)
+    return NCAStats(
+        max_other, a.sum_other + b.sum_other, a.vec_other + b.vec_other,
+        max_same, a.sum_same + b.sum_same, a.vec_same + b.vec_same,
+    )
+
+
+def class_labels_of_positions(class_offsets: Tensor, start: int, length: int) -> Tensor:
+    """Labels of class-sorted positions [start, start + length), rebuilt from the offsets."""
+    positions = torch.arange(start, start + length, device=class_offsets.device)
+    return torch.searchsorted(class_offsets, positions, right=True) - 1
+
+
+def default_chunk_size(num_queries: int) -> int:
+    return max(256, DEFAULT_CHUNK_BYTES // (4 * max(num_queries, 1)))
+
+
+@torch.no_grad()
+def shard_stats(
+    queries: Tensor,
+    query_labels: Tensor,
+    query_positions: Tensor | None,
+    slots: Tensor,
+    slot_start: int,
+    class_offsets: Tensor,
+    inv_temp: float,
+    chunk_size: int | None = None,
+) -> NCAStats:
+    """NCA statistics of ``queries`` against ``slots``: class-sorted global positions
+    ``[slot_start, slot_start + len(slots))``.
+
+    ``query_positions`` holds each query's own class-sorted position (its slot is excluded),
+    or -1 / None for queries that have no slot in the memory.
+    """
+    num_q, dim = queries.shape
+    device = queries.device
+    stats = NCAStats.empty(num_q, dim, device)
+    n = slots.shape[0]
+    if n == 0 or num_q == 0:
+        return stats
+    chunk = int(chunk_size or default_chunk_size(num_q))
+    if query_positions is None:
+        query_positions = torch.full((num_q,), -1, dtype=torch.long, device=device)
+    local_pos = query_positions - slot_start
+
+    # Pass over all slots: similarities, same-class logits masked out (the query's own slot
+    # is same-class), online max, exp-weights times slots.
+    sorted_labels = class_labels_of_positions(class_offsets, slot_start, n)
+    max_other, sum_other, vec_other = stats.max_other, stats.sum_other, stats.vec_other
+    query_labels_col = query_labels[:, None]
+    for a in range(0, n, chunk):
+        block = slots[a : a + chunk]
+        block = block if block.dtype == torch.float32 else block.float()
+        logits = torch.mm(queries, block.t()).mul_(inv_temp)
+        logits.masked_fill_(sorted_labels[a : a + chunk][None, :] == query_labels_col, -math.inf)
+        new_max = torch.maximum(max_other, logits.amax(dim=1))
+        scale = _rescale(max_other, new_max)
+        # Rows with no other-class slot so far stay all -inf: subtract 0, not -inf (NaN).
+        finite = torch.isfinite(new_max)
+        logits.sub_(torch.where(finite, new_max, torch.zeros_like(new_max))[:, None]).exp_()
+        sum_other = sum_other * scale + logits.sum(dim=1)
+        vec_other = torch.addmm(vec_other * scale[:, None], logits, block)
+        max_other = new_max
+
+    # Same-class terms: each class present in the batch is one contiguous slice of slots.
+    max_same, sum_same, vec_same = stats.max_same, stats.sum_same, stats.vec_same
+    classes, query_class = torch.unique(query_labels, return_inverse=True)
+    starts = (class_offsets[classes] - slot_start).clamp(0, n).tolist()
+    ends = (class_offsets[classes + 1] - slot_start).clamp(0, n).tolist()
+    order = torch.argsort(query_class, stable=True)
+    counts = torch.bincount(query_class, minlength=classes.numel()).tolist()
+    members_by_class = torch.split(order, counts)
+    for members, lo, hi in zip(members_by_class, starts, ends, strict=True):
+        if hi <= lo:
+            continue
+        block = slots[lo:hi]
+        block = block if block.dtype == torch.float32 else block.float()
+        logits = torch.mm(queries[members], block.t()).mul_(inv_temp)
+        own_local = local_pos[members] - lo
+        own = (own_local >= 0) & (own_local < hi - lo)
+        if bool(own.any()):
+            logits[torch.nonzero(own).flatten(), own_local[own]] = -math.inf
+        row_max = logits.amax(dim=1)
+        finite = torch.isfinite(row_max)
+        logits.sub_(torch.where(finite, row_max, torch.zeros_like(row_max))[:, None]).exp_()
+        max_same[members] = row_max
+        sum_same[members] = logits.sum(dim=1)
+        vec_same[members] = logits @ block
+    return NCAStats(max_other, sum_other, vec_other, max_same, sum_same, vec_same)
+
+
+@torch.no_grad()
+def loss_and_grad(stats: NCAStats, inv_temp: float, margin: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-query loss -log p_i, its gradient w.r.t. v_i, and the mask of queries that have a
+    same-class slot. Queries without one get loss 0 and gradient 0 (never NaN).
+
+    With a margin delta, same-class terms are weighted by w = exp(-delta / T) in the numerator
+    and the denominator, as in the reference implementation.
+    """
+    valid = stats.sum_same > 0
+    log_w = -margin * inv_temp
+    top = torch.maximum(stats.max_other, stats.max_same)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    other_scale = _rescale(stats.max_other, top)
+    same_scale = _rescale(stats.max_same, top) * math.exp(log_w)
+    denominator = other_scale * stats.sum_other + same_scale * stats.sum_same
+    safe = lambda x: torch.where(valid, x, torch.ones_like(x))  # noqa: E731
+    log_p = log_w + stats.max_same + torch.log(safe(stats.sum_same)) - top - torch.log(safe(denominator))
+    loss = torch.where(valid, -log_p, torch.zeros_like(log_p))
+    expected = (other_scale[:, None] * stats.vec_other + same_scale[:, None] * stats.vec_same) / safe(denominator)[:, None]
+    same_mean = stats.vec_same / safe(stats.sum_same)[:, None]
+    grad = torch.where(valid[:, None], inv_temp * (expected - same_mean), torch.zeros_like(expected))
+    return loss, grad, valid
+
+
+class _WithExactGradient(torch.autograd.Function):
+    """Returns precomputed per-sample losses; backward hands out the precomputed gradient."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, losses: Tensor, grads: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(grads)
+        ctx.feature_dtype = features.dtype
+        return losses.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        (grads,) = ctx.saved_tensors
+        return (grad_output[:, None] * grads).to(ctx.feature_dtype), None, None
+
+
+StatsReducer = Callable[[NCAStats], NCAStats]
+
+
+def check_normalized(features: Tensor, tolerance: float | None = None) -> None:
+    """Refuse features that are not L2-normalised rows (a silent renormalisation would change
+    the gradient the formula specifies)."""
+    if features.ndim != 2:
+        raise SncaError(f"features must be a (batch, dim) matrix, got shape {tuple(features.shape)}")
+    if not bool(torch.isfinite(features).all()):
+        raise SncaError("features contain NaN or Inf; check the learning rate and the input data")
+    if tolerance is None:
+        tolerance = 1e-3 if features.dtype in (torch.float32, torch.float64) else 2e-2
+    deviation = float((features.detach().float().norm(dim=1) - 1).abs().max()) if features.numel() else 0.0
+    if deviation > tolerance:
+        raise SncaError(
+            f"features must be L2-normalised along dim 1 (max |norm - 1| = {deviation:.3g}); "
+            "apply torch.nn.functional.normalize(x, dim=1) first"
+        )
+
+
+def nca_loss(
+    features: Tensor,
+    indices: Tensor | None,
+    bank: MemoryBank,
+    temperature: float = 0.05,
+    margin: float = 0.0,
+    labels: Tensor | None = None,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+    reducer: StatsReducer | None = None,
+    gather: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, slice]] | None = None,
+) -> Tensor:
+    """Exact NCA loss of L2-normalised ``features`` against ``bank`` (gradient to features only).
+
+    Args:
+        features: (B, D) L2-normalised batch features (any float dtype, e.g. from bf16 autocast;
+            computed in float32). Unnormalised features are refused.
+        indices: (B,) dataset indices of the batch: each sample's own slot is excluded and its
+            label is read from the bank. ``None`` for queries that have no slot (then pass labels).
+        temperature: T > 0.
+        margin: delta >= 0 in cosine units; same-class terms are scaled by exp(-delta / T).
+        reduction: "mean" (divide by B, samples without a same-class slot count as 0),
+            "sum" or "none" (per-sample losses).
+        reducer / gather: hooks used by :mod:`snca.distributed` to combine statistics across
+            memory shards; leave them unset in a single process.
+
+    Does not update the memory: call ``bank.update(features.detach(), indices)`` afterwards.
+    """
+    if not temperature > 0:
+        raise SncaError(f"temperature must be > 0, got {temperature}")
+    if margin < 0:
+        raise SncaError(f"margin must be >= 0, got {margin}")
+    if reduction not in ("mean", "sum", "none"):
+        raise SncaError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_normalized(features)
+    if features.shape[1] != bank.dim:
+        raise SncaError(f"features have dim {features.shape[1]}, the memory bank has dim {bank.dim}")
+    device = bank.device
+    queries = features.detach().to(device, torch.float32)
+    if indices is not None:
+        indices = bank.check_indices(indices)
+        if indices.numel() != queries.shape[0]:
+            raise SncaError(f"got {queries.shape[0]} features but {indices.numel()} indices")
+        query_labels = bank.labels[indices]
+        if labels is not None and not torch.equal(torch.as_tensor(labels, device=device).long().flatten(), query_labels):
+            raise SncaError("labels disagree with the memory bank's labels for these indices")
+        positions = bank.position[indices]
+    else:
+        if labels is None:
+            raise SncaError("nca_loss needs either the samples' dataset indices or their labels")
+        query_labels = torch.as_tensor(labels, device=device).long().flatten()
+        if query_labels.numel() != queries.shape[0]:
+            raise SncaError(f"got {queries.shape[0]} features but {query_labels.numel()} labels")
+        if query_labels.numel() and (int(query_labels.min()) < 0 or int(query_labels.max()) >= bank.num_classes):
+            raise SncaError(f"labels must be in [0, {bank.num_classes})")
+        positions = torch.full_like(query_labels, -1)
+
+    own = slice(None)
+    if gather is not None:  # sharded bank: every rank scores the whole global batch
+        queries, query_labels, positions, own = gather(queries, query_labels, positions)
+    inv_temp = 1.0 / temperature
+    stats = shard_stats(
+        queries, query_labels, positions, bank.slots, bank.shard_start, bank.class_offsets, inv_temp, chunk_size
+    )
+    if reducer is not None:
+        stats = reducer(stats)
+    losses, grads, _ = loss_and_grad(stats, inv_temp, margin)
+    losses, grads = losses[own], grads[own]
+    per_sample = _WithExactGradient.apply(features, losses.to(features.device), grads.to(features.device))
+    if reduction == "none":
+        return per_sample
+    total = per_sample.sum()
+    return total / max(features.shape[0], 1) if reduction == "mean" else total
+
+
+class NCALoss(torch.nn.Module):
+    """:func:`nca_loss` bound to a memory bank, optionally updating it after each call.
+
+    >>> bank = MemoryBank(train_labels, dim=128)
+    >>> criterion = NCALoss(bank, temperature=0.05)
+    >>> loss = criterion(F.normalize(model(x), dim=1), idx)   # memory updated after the loss
+    >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        bank: MemoryBank,
+        temperature: float = 0.05,
+        margin: float = 0.0,
+        update_memory: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise SncaError(f"temperature must be > 0, got {temperature}")
+        self.bank = bank
+        self.temperature = float(temperature)
+        self.margin = float(margin)
+        self.update_memory = update_memory
+        self.chunk_size = chunk_size
+
+    def forward(self, features: Tensor, indices: Tensor) -> Tensor:
+        loss = nca_loss(
+            features, indices, self.bank, self.temperature, self.margin, chunk_size=self.chunk_size
+        )
+        if self.update_memory and self.training:
+            self.bank.update(features.detach(), indices)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, margin={self.margin}, update_memory={self.update_memory}"

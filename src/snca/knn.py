@@ -74,33 +74,68 @@ def knn_search(
         gallery_block = max(4096, DEFAULT_BLOCK_BYTES // (4 * min(query_block, max(len(queries), 1))))
     out_sims = torch.empty(len(queries), k_eff, dtype=dtype, device=device)
     out_idx = torch.empty(len(queries), k_eff, dtype=torch.long, device=device)
-    for qa in range(0, len(queries), query_block):
-        q = queries[qa : qa + query_block].to(dtype)
-        excl = None if exclude is None else exclude[qa : qa + query_block].to(device)
-        best_s = best_i = None
-        for ga in range(0, num_g, gallery_block):
-            g = gallery[ga : ga + gallery_block].to(dtype)
-            sims = q @ g.t()
-            if excl is not None:
-                local = excl - ga
-                hit = (local >= 0) & (local < g.shape[0])
-                if bool(hit.any()):
-                    sims[torch.nonzero(hit).flatten(), local[hit]] = -torch.inf
-            kk = min(k_eff, sims.shape[1])
-            if kk == 1:
-                s, i = sims.max(dim=1, keepdim=True)
-            else:
-                s, i = sims.topk(kk, dim=1)
+    # Exact products in the gallery's precision even inside an autocast region.
+    with torch.autocast(device.type, enabled=False):
+        for qa in range(0, len(queries), query_block):
+            q = queries[qa : qa + query_block].to(dtype)
+            excl = None if exclude is None else exclude[qa : qa + query_block].to(device)
+            best_s, best_i = _search_block(q, gallery, k_eff, excl, gallery_block, dtype)
+            out_sims[qa : qa + len(q)] = best_s
+            out_idx[qa : qa + len(q)] = best_i
+    return out_sims, out_idx
+
+
+def _search_block(
+    q: Tensor, gallery: Tensor, k: int, excl: Tensor | None, gallery_block: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Running top-k of one query block over the whole gallery, sorted by decreasing similarity.
+
+    Once k candidates are held, a gallery block only matters where it beats a query's current
+    k-th similarity, which after the first blocks is a handful of entries: those are gathered
+    with one comparison and merged, instead of a top-k over every block.
+    """
+    num_g = gallery.shape[0]
+    best_s: Tensor | None = None
+    best_i: Tensor | None = None
+    for ga in range(0, num_g, gallery_block):
+        g = gallery[ga : ga + gallery_block].to(dtype)
+        sims = q @ g.t()
+        if excl is not None:
+            local = excl - ga
+            hit = (local >= 0) & (local < g.shape[0])
+            if bool(hit.any()):
+                sims[torch.nonzero(hit).flatten(), local[hit]] = -torch.inf
+        if best_s is None or best_i is None or best_s.shape[1] < k:
+            # Fewer than k held so far: plain top-k of the block, merged with what is held.
+            kk = min(k, sims.shape[1])
+            s, i = sims.max(dim=1, keepdim=True) if kk == 1 else sims.topk(kk, dim=1)
             i = i + ga
-            if best_s is None:
+            if best_s is None or best_i is None:
                 best_s, best_i = s, i
             else:
-                cat_s, cat_i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
-                best_s, pick = cat_s.topk(min(k_eff, cat_s.shape[1]), dim=1)
-                best_i = cat_i.gather(1, pick)
-        out_sims[qa : qa + len(q)] = best_s
-        out_idx[qa : qa + len(q)] = best_i
-    return out_sims, out_idx
+                best_s, best_i = _merge(best_s, best_i, s, i, k)
+            continue
+        rows, cols = torch.nonzero(sims > best_s[:, -1:], as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        # Lay the candidates out as a (queries x most candidates of any query) matrix, padded
+        # with -inf, and merge it with the held top-k.
+        counts = torch.bincount(rows, minlength=q.shape[0])
+        width = int(counts.max())
+        rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        cand_s = torch.full((q.shape[0], width), -torch.inf, dtype=sims.dtype, device=sims.device)
+        cand_i = torch.zeros((q.shape[0], width), dtype=torch.long, device=sims.device)
+        cand_s[rows, rank] = sims[rows, cols]
+        cand_i[rows, rank] = cols + ga
+        best_s, best_i = _merge(best_s, best_i, cand_s, cand_i, k)
+    assert best_s is not None and best_i is not None
+    return best_s, best_i
+
+
+def _merge(best_s: Tensor, best_i: Tensor, s: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    cat_s, cat_i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+    top_s, pick = cat_s.topk(min(k, cat_s.shape[1]), dim=1)
+    return top_s, cat_i.gather(1, pick)
 
 
 def vote(
@@ -143,6 +178,13 @@ def knn_classify(
         raise SncaError(f"gallery has {gallery.shape[0]} rows but {gallery_labels.numel()} labels")
     if num_classes is None:
         num_classes = int(gallery_labels.max()) + 1 if gallery_labels.numel() else 0
+    elif gallery_labels.numel() and int(gallery_labels.max()) >= num_classes:
+        raise SncaError(
+            f"gallery label {int(gallery_labels.max())} >= num_classes={num_classes}; "
+            "pass num_classes covering every gallery class (or leave it unset)"
+        )
+    if gallery_labels.numel() and int(gallery_labels.min()) < 0:
+        raise SncaError("gallery labels must be >= 0")
     sims, idx = knn_search(queries, gallery, max(ks), exclude=exclude, query_block=query_block)
     neighbor_labels = gallery_labels[idx]
     ids = idx if gallery_ids is None else torch.as_tensor(gallery_ids, device=idx.device)[idx]

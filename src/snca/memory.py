@@ -112,7 +112,7 @@ class MemoryBank(torch.nn.Module):
             local = position[a : a + block] - self.shard_start
             keep = (local >= 0) & (local < init.shape[0])
             init[local[keep]] = rows[keep].mul_(2 * stdv).sub_(stdv)
-        init = F.normalize(init, dim=1)
+        init.div_(init.norm(dim=1, keepdim=True).clamp_min_(1e-12))  # in place: no second bank-sized copy
         self.register_buffer("slots", init.to(dtype))
         if device is not None:
             self.to(device)
@@ -187,6 +187,8 @@ class MemoryBank(torch.nn.Module):
                 f"memory update expects features of shape ({indices.numel()}, {self.dim}), "
                 f"got {tuple(features.shape)}"
             )
+        if not bool(torch.isfinite(features).all()):
+            raise SncaError("memory update got NaN or Inf features; check the learning rate and the input data")
         unique, inverse = torch.unique(indices, return_inverse=True)
         if unique.numel() != indices.numel():
             summed = torch.zeros(unique.numel(), self.dim, device=self.device)

@@ -25,6 +25,7 @@ working memory is O(B * chunk + B * D).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -36,6 +37,11 @@ from .errors import SncaError
 from .memory import MemoryBank
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # B x chunk fp32 logits: 8 MiB keeps the block cache-friendly on CPU
+DEFAULT_CHUNK_BYTES_CUDA = 128 << 20  # on a GPU: a few large kernels per step, far below the bank
+# Largest 1/T for which the other-class pass uses the fixed shift 1/T instead of a running max:
+# with unit vectors every logit is in [-1/T, 1/T], so each exp(logit) is a normal float32 and
+# exp(logit - 1/T) >= exp(-2/T) = exp(-80) stays normal too (T >= 0.025; the default 0.05 qualifies).
+FIXED_SHIFT_MAX_INV_TEMP = 40.0
 
 
 @dataclass
@@ -97,8 +103,78 @@ def class_labels_of_positions(class_offsets: Tensor, start: int, length: int) ->
     return torch.searchsorted(class_offsets, positions, right=True) - 1
 
 
-def default_chunk_size(num_queries: int) -> int:
-    return max(256, DEFAULT_CHUNK_BYTES // (4 * max(num_queries, 1)))
+def default_chunk_size(num_queries: int, device: torch.device | str | None = None) -> int:
+    """Slots per chunk: a B x chunk float32 logits block of DEFAULT_CHUNK_BYTES on CPU,
+    DEFAULT_CHUNK_BYTES_CUDA on a GPU (fewer, larger kernels; still far below the bank)."""
+    is_cuda = device is not None and torch.device(device).type == "cuda"
+    budget = DEFAULT_CHUNK_BYTES_CUDA if is_cuda else DEFAULT_CHUNK_BYTES
+    return max(256, budget // (4 * max(num_queries, 1)))
+
+
+def _class_ranges(
+    query_labels: Tensor, class_offsets: Tensor, slot_start: int, n: int
+) -> tuple[list[int], list[int], tuple[Tensor, ...]]:
+    """For each class present among the queries (ascending): its local slot range [start, end)
+    in this shard (empty when none of its slots live here) and the rows of its queries."""
+    classes, query_class = torch.unique(query_labels, return_inverse=True)
+    starts = (class_offsets[classes] - slot_start).clamp(0, n).tolist()
+    ends = (class_offsets[classes + 1] - slot_start).clamp(0, n).tolist()
+    order = torch.argsort(query_class, stable=True)
+    counts = torch.bincount(query_class, minlength=classes.numel()).tolist()
+    return starts, ends, torch.split(order, counts)
+
+
+def _other_class_pass(
+    scaled_queries: Tensor,
+    slots: Tensor,
+    starts: list[int],
+    ends: list[int],
+    members_by_class: tuple[Tensor, ...],
+    chunk: int,
+    fixed_shift: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(max_other, sum_other, vec_other) over all slots of other classes, streamed in chunks.
+
+    ``fixed_shift`` = 1/T: every weight is exp(logit) * exp(-1/T), the exp taken unshifted (so no
+    max pass and no rescaling) and the shift applied to each chunk's B-sized sums, which keeps the
+    accumulators <= the number of slots. ``None``: a running max (any temperature).
+    """
+    num_q, dim = scaled_queries.shape
+    device = scaled_queries.device
+    n = slots.shape[0]
+    max_other = torch.full((num_q,), -math.inf, device=device)
+    sum_other = torch.zeros(num_q, device=device)
+    vec_other = torch.zeros(num_q, dim, device=device)
+    shift_scale = math.exp(-fixed_shift) if fixed_shift is not None else 1.0
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        block = slots[a:b]
+        block = block if block.dtype == torch.float32 else block.float()
+        logits = torch.mm(scaled_queries, block.t())
+        # Same-class slots (the query's own slot among them) are one contiguous column range
+        # per class present in the batch: fill those ranges, no B x chunk label comparison.
+        i = bisect.bisect_right(ends, a)
+        while i < len(starts) and starts[i] < b:
+            lo, hi = max(starts[i], a), min(ends[i], b)
+            if hi > lo:
+                logits[:, lo - a : hi - a].index_fill_(0, members_by_class[i], -math.inf)
+            i += 1
+        if fixed_shift is not None:
+            logits.exp_()
+            sum_other.add_(logits.sum(dim=1), alpha=shift_scale)
+            vec_other.addmm_(logits, block, alpha=shift_scale)
+            continue
+        new_max = torch.maximum(max_other, logits.amax(dim=1))
+        scale = _rescale(max_other, new_max)
+        # Rows with no other-class slot so far stay all -inf: subtract 0, not -inf (NaN).
+        finite = torch.isfinite(new_max)
+        logits.sub_(torch.where(finite, new_max, torch.zeros_like(new_max))[:, None]).exp_()
+        sum_other = sum_other * scale + logits.sum(dim=1)
+        vec_other = torch.addmm(vec_other * scale[:, None], logits, block)
+        max_other = new_max
+    if fixed_shift is not None:
+        max_other.fill_(fixed_shift)
+    return max_other, sum_other, vec_other
 
 
 @torch.no_grad()
@@ -117,51 +193,59 @@ def shard_stats(
 
     ``query_positions`` holds each query's own class-sorted position (its slot is excluded),
     or -1 / None for queries that have no slot in the memory.
+
+    ``max_other`` / ``max_same`` are the shifts the sums are relative to (sum = sum of
+    exp(logit - shift)): the running maximum, or 1/T for the other-class terms when every
+    logit is known to lie within +-1/T <= FIXED_SHIFT_MAX_INV_TEMP (unit vectors, T >= 0.025).
     """
     num_q, dim = queries.shape
     device = queries.device
-    stats = NCAStats.empty(num_q, dim, device)
     n = slots.shape[0]
     if n == 0 or num_q == 0:
-        return stats
-    chunk = int(chunk_size or default_chunk_size(num_q))
+        return NCAStats.empty(num_q, dim, device)
+    chunk = int(chunk_size or default_chunk_size(num_q, device))
     if query_positions is None:
         query_positions = torch.full((num_q,), -1, dtype=torch.long, device=device)
-    local_pos = query_positions - slot_start
+    # float32 arithmetic throughout, even when called inside an autocast region.
+    with torch.autocast(device.type, enabled=False):
+        return _shard_stats(queries, query_labels, query_positions, slots, slot_start, class_offsets, inv_temp, chunk)
 
-    # Pass over all slots: similarities, same-class logits masked out (the query's own slot
-    # is same-class), online max, exp-weights times slots.
-    sorted_labels = class_labels_of_positions(class_offsets, slot_start, n)
-    max_other, sum_other, vec_other = stats.max_other, stats.sum_other, stats.vec_other
-    query_labels_col = query_labels[:, None]
-    for a in range(0, n, chunk):
-        block = slots[a : a + chunk]
-        block = block if block.dtype == torch.float32 else block.float()
-        logits = torch.mm(queries, block.t()).mul_(inv_temp)
-        logits.masked_fill_(sorted_labels[a : a + chunk][None, :] == query_labels_col, -math.inf)
-        new_max = torch.maximum(max_other, logits.amax(dim=1))
-        scale = _rescale(max_other, new_max)
-        # Rows with no other-class slot so far stay all -inf: subtract 0, not -inf (NaN).
-        finite = torch.isfinite(new_max)
-        logits.sub_(torch.where(finite, new_max, torch.zeros_like(new_max))[:, None]).exp_()
-        sum_other = sum_other * scale + logits.sum(dim=1)
-        vec_other = torch.addmm(vec_other * scale[:, None], logits, block)
-        max_other = new_max
+
+def _shard_stats(
+    queries: Tensor,
+    query_labels: Tensor,
+    query_positions: Tensor,
+    slots: Tensor,
+    slot_start: int,
+    class_offsets: Tensor,
+    inv_temp: float,
+    chunk: int,
+) -> NCAStats:
+    num_q, dim = queries.shape
+    device = queries.device
+    n = slots.shape[0]
+    local_pos = query_positions - slot_start
+    # Logits come straight out of the matrix product: the temperature is folded into the queries.
+    scaled = queries.float() * inv_temp
+    starts, ends, members_by_class = _class_ranges(query_labels, class_offsets, slot_start, n)
+
+    # Pass over all slots: other-class terms (similarities, then exp-weights times slots).
+    fixed = inv_temp * float(queries.norm(dim=1).max()) <= FIXED_SHIFT_MAX_INV_TEMP
+    other = _other_class_pass(scaled, slots, starts, ends, members_by_class, chunk, inv_temp if fixed else None)
+    if fixed and not _fixed_shift_sums_ok(other[1], query_labels, starts, ends, n, inv_temp):
+        # Slots far from unit norm: some weight overflowed or underflowed; use the running max.
+        other = _other_class_pass(scaled, slots, starts, ends, members_by_class, chunk, None)
+    max_other, sum_other, vec_other = other
 
     # Same-class terms: each class present in the batch is one contiguous slice of slots.
+    stats = NCAStats.empty(num_q, dim, device)
     max_same, sum_same, vec_same = stats.max_same, stats.sum_same, stats.vec_same
-    classes, query_class = torch.unique(query_labels, return_inverse=True)
-    starts = (class_offsets[classes] - slot_start).clamp(0, n).tolist()
-    ends = (class_offsets[classes + 1] - slot_start).clamp(0, n).tolist()
-    order = torch.argsort(query_class, stable=True)
-    counts = torch.bincount(query_class, minlength=classes.numel()).tolist()
-    members_by_class = torch.split(order, counts)
     for members, lo, hi in zip(members_by_class, starts, ends, strict=True):
         if hi <= lo:
             continue
         block = slots[lo:hi]
         block = block if block.dtype == torch.float32 else block.float()
-        logits = torch.mm(queries[members], block.t()).mul_(inv_temp)
+        logits = torch.mm(scaled[members], block.t())
         own_local = local_pos[members] - lo
         own = (own_local >= 0) & (own_local < hi - lo)
         if bool(own.any()):
@@ -175,6 +259,21 @@ def shard_stats(
     return NCAStats(max_other, sum_other, vec_other, max_same, sum_same, vec_same)
 
 
+def _fixed_shift_sums_ok(
+    sum_other: Tensor, query_labels: Tensor, starts: list[int], ends: list[int], n: int, inv_temp: float
+) -> bool:
+    """Fixed-shift sums are trustworthy when finite and, for every query with at least one
+    other-class slot, no smaller than the smallest possible term exp(-2/T) (unit vectors)."""
+    if not bool(torch.isfinite(sum_other).all()):
+        return False
+    classes = torch.unique(query_labels)
+    sizes = torch.tensor(ends, device=sum_other.device) - torch.tensor(starts, device=sum_other.device)
+    same_here = sizes[torch.searchsorted(classes, query_labels)]
+    has_other = same_here < n
+    floor = math.exp(-2.0 * inv_temp) * (1 - 1e-3)
+    return bool((sum_other[has_other] >= floor).all())
+
+
 @torch.no_grad()
 def loss_and_grad(stats: NCAStats, inv_temp: float, margin: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Per-query loss -log p_i, its gradient w.r.t. v_i, and the mask of queries that have a
@@ -184,16 +283,16 @@ def loss_and_grad(stats: NCAStats, inv_temp: float, margin: float = 0.0) -> tupl
     and the denominator, as in the reference implementation.
     """
     valid = stats.sum_same > 0
-    log_w = -margin * inv_temp
-    top = torch.maximum(stats.max_other, stats.max_same)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    other_scale = _rescale(stats.max_other, top)
-    same_scale = _rescale(stats.max_same, top) * math.exp(log_w)
-    denominator = other_scale * stats.sum_other + same_scale * stats.sum_same
     safe = lambda x: torch.where(valid, x, torch.ones_like(x))  # noqa: E731
-    log_p = log_w + stats.max_same + torch.log(safe(stats.sum_same)) - top - torch.log(safe(denominator))
-    loss = torch.where(valid, -log_p, torch.zeros_like(log_p))
-    expected = (other_scale[:, None] * stats.vec_other + same_scale[:, None] * stats.vec_same) / safe(denominator)[:, None]
+    # Log space throughout: a margin with delta / T beyond ~87 makes w underflow in float32,
+    # and the denominator must stay exact when same-class terms dominate it.
+    log_other = stats.max_other + torch.log(stats.sum_other)  # -inf when no other-class slot
+    log_same = -margin * inv_temp + safe(stats.max_same) + torch.log(safe(stats.sum_same))
+    log_den = torch.logaddexp(log_other, log_same)
+    loss = torch.where(valid, log_den - log_same, torch.zeros_like(log_den))
+    other_weight = torch.exp(stats.max_other - log_den).nan_to_num_(0.0)
+    same_weight = torch.exp(log_same - log_den - torch.log(safe(stats.sum_same)))
+    expected = other_weight[:, None] * stats.vec_other + same_weight[:, None] * stats.vec_same
     same_mean = stats.vec_same / safe(stats.sum_same)[:, None]
     grad = torch.where(valid[:, None], inv_temp * (expected - same_mean), torch.zeros_like(expected))
     return loss, grad, valid

@@ -4,14 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Fashion-MNIST from Debian (the offline default dataset). Skipped where apt is absent
-# or we are not root; snca then falls back to --data-dir or a torchvision download.
-if command -v apt-get >/dev/null 2>&1 && [ ! -d /usr/share/datasets/fashion-mnist ]; then
+# System packages from Debian where the OS allows it: Fashion-MNIST (the offline default
+# dataset) and Chromium (the neighbour-gallery page is checked in a real headless browser).
+# Skipped without apt or root; snca then needs --data-dir and the browser test fails loudly.
+if command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
-  if $SUDO true 2>/dev/null; then
+  missing=()
+  for pkg in dataset-fashion-mnist chromium fonts-dejavu-core; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ] && $SUDO true 2>/dev/null; then
     $SUDO apt-get update -qq || true
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist \
-      || echo "setup: could not install dataset-fashion-mnist; pass --data-dir to snca" >&2
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+      || echo "setup: could not install ${missing[*]} with apt-get" >&2
   fi
 fi
 

@@ -1,0 +1,191 @@
+"""Importing the reference implementation's released checkpoints (snca.reference).
+
+The files are written here in the reference's layout: ``torch.save`` of a dict holding a
+DataParallel ResNet-18 state_dict ('module.' prefixes, fc -> 128-d embedding) and the memory
+as a pickled *module object* (``LinearAverage`` with 'memory' and 'params' buffers), in both
+the zip format and the legacy format the 2018 release used. The loader must recover every
+tensor without ever importing or running the pickled classes, and refuse files that call
+anything (e.g. os.system).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+
+from snca import SncaError
+from snca.checkpoint import load_trained
+from snca.cli import main
+from snca.reference import (
+    Placeholder,
+    load_reference,
+    reference_memory_bank,
+    reference_model,
+    safe_load,
+)
+
+UNPICKLED = []  # the stand-in class appends here if pickle ever restores a real instance of it
+
+
+class LinearAverage(nn.Module):
+    """Stand-in for the reference's memory module (lib/LinearAverage.py)."""
+
+    def __init__(self, input_size: int, output_size: int, T: float = 0.05, momentum: float = 0.5) -> None:
+        super().__init__()
+        self.nLem = output_size
+        self.register_buffer("params", torch.tensor([T, momentum]))
+        stdv = 1.0 / math.sqrt(input_size / 3)
+        self.register_buffer("memory", torch.rand(output_size, input_size).mul_(2 * stdv).add_(-stdv))
+
+    def __setstate__(self, state):
+        UNPICKLED.append(self)
+        super().__setstate__(state)
+
+
+def reference_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = torchvision.models.resnet18(weights=None)
+    net.fc = nn.Linear(512, 128)
+    return net.eval()
+
+
+def write_release(path, net: nn.Module, memory_rows: int, legacy: bool, drop_bn_counters: bool = False) -> LinearAverage:
+    torch.manual_seed(1)
+    lem = LinearAverage(128, memory_rows, T=0.07, momentum=0.5)
+    sd = {"module." + k: v for k, v in net.state_dict().items()}
+    if drop_bn_counters:  # torch 0.4.0's BatchNorm had no num_batches_tracked buffer
+        sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    state = {"epoch": 130, "arch": "resnet18", "state_dict": sd, "lemniscate": lem, "best_prec1": 70.59}
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    return lem
+
+
+@pytest.fixture(scope="module")
+def net():
+    return reference_net()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_reads_release_without_running_pickled_classes(tmp_path, net, legacy):
+    path = tmp_path / "ckpt.pth.tar"
+    lem = write_release(path, net, 50, legacy, drop_bn_counters=legacy)
+    UNPICKLED.clear()
+    release = load_reference(path)
+    assert UNPICKLED == []  # the module class in the file was never instantiated
+    assert torch.equal(release.memory, lem.memory)
+    assert release.temperature == pytest.approx(0.07) and release.momentum == pytest.approx(0.5)
+    assert release.arch == "resnet18" and release.epoch == 130 and release.extra["best_prec1"] == pytest.approx(70.59)
+    assert release.low_dim == 128 and release.feat_dim == 512 and release.in_chans == 3
+    assert not any(k.startswith("module.") for k in release.state_dict)
+    raw = safe_load(path)["lemniscate"]
+    assert isinstance(raw, Placeholder) and raw.snca_class.endswith(".LinearAverage")
+    # snca's EmbeddingNet with the imported weights computes the reference's embedding.
+    model = reference_model(release)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.normalize(net(x), dim=1), atol=1e-5, rtol=0)
+    bank = reference_memory_bank(release, torch.arange(50) % 5)
+    torch.testing.assert_close(bank.features_by_index(), F.normalize(lem.memory, dim=1))
+    with pytest.raises(SncaError, match="50 slots but the dataset has 49"):
+        reference_memory_bank(release, torch.arange(49) % 5)
+    with pytest.raises(SncaError, match="arch='resnet18' but --arch resnet50"):
+        reference_model(release, "resnet50")
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_refuses_files_that_call_code(tmp_path, net, legacy):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    state = {"state_dict": {"module." + k: v for k, v in net.state_dict().items()}, "hook": _Evil(str(marker))}
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(SncaError, match=r"refusing to load: the file calls posix\.system\(\.\.\.\)"):
+        load_reference(path)
+    assert not marker.exists()
+    # A bare pickle that calls os.system right away is refused as well (legacy reader).
+    (tmp_path / "bare.pkl").write_bytes(pickle.dumps(_Evil(str(marker)), protocol=0))
+    with pytest.raises(SncaError, match="refusing to load"):
+        safe_load(tmp_path / "bare.pkl")
+    assert not marker.exists()
+
+
+def test_not_a_reference_file(tmp_path):
+    torch.save({"weights": torch.ones(3)}, tmp_path / "other.pt")
+    with pytest.raises(SncaError, match="no 'state_dict' entry"):
+        load_reference(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(SncaError, match="text.pt"):
+        load_reference(tmp_path / "text.pt")
+    with pytest.raises(SncaError, match="no such file"):
+        load_reference(tmp_path / "missing.pt")
+
+
+def _folder(root, counts=(3, 2, 4)):
+    """ROOT/train/<class>/*.png (and a val/ split): a tiny image-folder dataset."""
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c, n in enumerate(counts):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n if split == "train" else 1):
+                a = (torch.rand(40, 40, 3, generator=g) * 80 + 60 * c).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(a).save(d / f"img{i}.png")
+    return sum(counts)
+
+
+def test_cli_build_index_from_reference(tmp_path, net, capsys):
+    n = _folder(tmp_path / "data")
+    ref = tmp_path / "release.pth.tar"
+    lem = write_release(ref, net, n, legacy=True)
+    out = tmp_path / "idx"
+    code = main(["index", "build", "--from-reference", str(ref), "--arch", "resnet18", "--out", str(out),
+                 "--dataset", "folder", "--data-dir", str(tmp_path / "data")])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    # The converted checkpoint is an ordinary snca checkpoint, memory included.
+    model, config, bank = load_trained(out / "checkpoint.pt")
+    assert config["arch"] == "resnet18" and config["temperature"] == pytest.approx(0.07)
+    torch.testing.assert_close(bank.features_by_index(), F.normalize(lem.memory, dim=1))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.normalize(net(x), dim=1), atol=1e-5, rtol=0)
+    # The index is the reference memory, ids are the training files, labels their folders.
+    assert main(["index", "info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["size"] == n and info["classes"] == {"class0": 3, "class1": 2, "class2": 4}
+    # Querying with a training image's memory row: the images are embedded with the imported model.
+    query = tmp_path / "data" / "val" / "class1" / "img0.png"
+    assert main(["index", "query", str(out), str(query), "--k", "3", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)["results"][0]
+    assert len(answer["neighbors"]) == 3 and answer["neighbors"][0]["id"].endswith(".png")
+
+
+def test_cli_reference_without_data_gives_an_empty_index(tmp_path, net, capsys):
+    ref = tmp_path / "release.pth.tar"
+    write_release(ref, net, 7, legacy=False)
+    out = tmp_path / "idx"
+    assert main(["index", "build", "--from-reference", str(ref), "--out", str(out)]) == 0
+    assert "0 images" in capsys.readouterr().out
+    _folder(tmp_path / "data", counts=(2, 2))
+    assert main(["index", "add", str(out), "--from-folder", str(tmp_path / "data" / "train")]) == 0
+    capsys.readouterr()
+    img = tmp_path / "data" / "train" / "class1" / "img0.png"
+    assert main(["predict", str(out / "checkpoint.pt"), str(img), "--gallery", str(out), "--json", "--k", "1"]) == 0
+    answer = json.loads(capsys.readouterr().out)["results"][0]
+    assert answer["prediction"] == "class1" and answer["neighbors"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)

@@ -3,6 +3,7 @@ and every dataset kind (CIFAR pickle layout and an image folder written here) th
 
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
 import subprocess
@@ -18,6 +19,7 @@ from snca.cli import main
 from snca.config import config_from_dict
 from snca.data import build_dataset
 from snca.engine import build_datasets, extract_features
+from snca.errors import SncaError
 from snca.knn import knn_classify, topk_accuracy
 
 torch.set_num_threads(1)  # the test machine is shared: one thread avoids oversubscription
@@ -256,3 +258,28 @@ def test_each_dataset_kind_trains_one_epoch(capsys, tmp_path, kind):
     assert load_checkpoint(run / "last.pt")["config"]["in_chans"] == 3
     code, out, _ = run_cli(capsys, "eval", run / "last.pt", "--k", "1", "5", "--json")
     assert code == 0 and len(json.loads(out)["results"]) == 4
+
+
+# ---------------------------------------------------------------------- unreadable checkpoint files
+@pytest.mark.parametrize("text", ["not a checkpoint at all\n", "config:\n  lr: 0.1\n", "hello world\n"])
+def test_text_and_truncated_files_are_not_reported_as_unsafe(capsys, tmp_path, text):
+    """The weights_only unpickler calls byte soup "Weights only load failed" (and a text that
+    starts with "c" an "Unsupported global"): those files are unreadable, not unsafe."""
+    text_file = tmp_path / "notes.pt"
+    text_file.write_text(text * 40)
+    with pytest.raises(SncaError, match="not a readable checkpoint") as err:
+        load_checkpoint(text_file)
+    assert "safely" not in str(err.value)
+    good = save_checkpoint(tmp_path / "good.pt", {"config": {}, "model": {"w": torch.randn(2000)}, "epoch": 0})
+    data = good.read_bytes()
+    for cut in (len(data) // 2, len(data) - 10, 100):
+        truncated = tmp_path / f"cut{cut}.pt"
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(SncaError, match="not a readable checkpoint .*truncated") as err:
+            load_checkpoint(truncated)
+        assert "safely" not in str(err.value)
+    assert_one_line_error(*run_cli(capsys, "eval", text_file)[::2], "not a readable checkpoint")
+    # a well-formed torch file holding an object weights_only refuses is still called unsafe
+    torch.save({"format": "snca-checkpoint", "obj": argparse.Namespace(a=1)}, tmp_path / "unsafe.pt")
+    with pytest.raises(SncaError, match="cannot be loaded safely"):
+        load_checkpoint(tmp_path / "unsafe.pt")

@@ -567,3 +567,65 @@ def test_findings_name_every_column_nca_loses():
     }
     md = render_markdown(result)
     assert "| NCA embedding |" in md and "**NCA loses**" in md and "--quick" in md.split("## d")[0]
+
+
+# ------------------------------------------------------------------ base-class training (snca train)
+
+
+def test_train_on_base_classes_records_the_split_and_fewshot_uses_it(tmp_path, capsys):
+    """``snca train --novel-classes`` trains on the base classes only and records the split;
+    ``snca fewshot`` then defaults to that split and refuses novel classes the model saw."""
+    from snca.checkpoint import load_checkpoint
+    from snca.config import apply_overrides, load_recipe
+    from snca.engine import build_datasets
+
+    run = tmp_path / "fs"
+    # Sneaker (7), Bag (8), Ankle boot (9): names and an id mixed, as a user may type them.
+    code, out, err = run_cli(capsys, "train", "--dataset", "fashion-mnist", "--subset", "300", "--test-subset", "100",
+                             "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--no-plot", "--no-progress",
+                             "--run-dir", str(run), "--novel-classes", "Sneaker", "8", "Ankle boot")
+    assert code == 0, err
+    assert "base classes only (7 of 10" in out
+    state = load_checkpoint(run / "last.pt")
+    cfg = state["config"]
+    names = list(FASHION_MNIST_CLASSES)
+    assert cfg["class_split_ids"] == {"base": list(range(7)), "val": [], "novel": [7, 8, 9]}
+    assert cfg["class_split"] == {"base": names[:7], "val": [], "novel": names[7:]}
+    assert "class_split_ids" in (run / "config.yaml").read_text()
+    # The memory holds exactly the base-class images of the 300-image subset, labels 0..6.
+    full = build_dataset("fashion-mnist", "train", subset=300, seed=0)
+    base_targets = full.targets[full.targets < 7]
+    assert torch.equal(state["memory"]["labels"], base_targets)
+    assert state["num_classes"] == 7 and state["num_train"] == base_targets.numel()
+    # eval of this checkpoint runs on the base classes of the test set
+    code, out, _ = run_cli(capsys, "eval", str(run), "--gallery", "memory", "--k", "5", "--json")
+    test_full = build_dataset("fashion-mnist", "test", subset=100, seed=0)
+    assert code == 0 and json.loads(out)["num_queries"] == int((test_full.targets < 7).sum())
+
+    # fewshot: the recorded split is the default ...
+    code, out, err = run_cli(capsys, "fewshot", str(run), "--way", "3", "--shot", "1", "--query", "5",
+                             "--episodes", "20", "--method", "ncm", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["novel_classes"] == names[7:] and 0 < res["results"][0]["accuracy"] <= 1
+    assert "not novel" not in err
+    # ... a requested novel class it was trained on is refused (flag or split file) ...
+    code, _, err = run_cli(capsys, "fewshot", str(run), "--novel-classes", "Sandal", "8", "9", "--way", "3")
+    assert code == 2 and err.count("\n") == 1 and "trained on Sandal" in err
+    split_file = tmp_path / "split.txt"
+    split_file.write_text("[base]\nT-shirt/top\n[novel]\nShirt\nSneaker\nBag\nAnkle boot\n")
+    code, _, err = run_cli(capsys, "fewshot", str(run), "--split-file", str(split_file), "--way", "3")
+    assert code == 2 and "trained on Shirt" in err
+    # ... and novel classes that are really novel are accepted.
+    code, _, err = run_cli(capsys, "fewshot", str(run), "--novel-classes", "9", "7", "Bag", "--way", "3",
+                           "--shot", "1", "--query", "5", "--episodes", "10", "--method", "knn")
+    assert code == 0, err
+
+    # A split file gives the same kind of base-class datasets (val classes are held out too).
+    split_file.write_text("[val]\nShirt\n[novel]\nSneaker\nBag\nAnkle boot\n")
+    fs_cfg = apply_overrides(load_recipe("fashion-mnist"), {"split_file": str(split_file), "subset": 300, "test_subset": 100})
+    data = build_datasets(fs_cfg, ("train_eval", "test"))
+    kept = [c for c in range(10) if c not in (6, 7, 8, 9)]
+    assert data["train_eval"].classes == [names[c] for c in kept]
+    assert len(data["test"]) == sum(int((test_full.targets == c).sum()) for c in kept)
+    assert sorted(set(data["test"].targets.tolist())) == list(range(len(kept)))

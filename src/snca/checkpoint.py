@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,16 @@ from .errors import SncaError
 
 FORMAT = "snca-checkpoint"
 VERSION = 1
+# torch.save's pre-1.6 (non-zip) format starts with this pickle of its magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _is_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save's format) or a legacy torch file, judged by its first bytes."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -83,10 +94,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated / foreign files
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        # The weights_only unpickler reports any byte soup (a text file, a cut-off pickle) as
+        # "Weights only load failed", and a text starting with "c" even as an "Unsupported
+        # global": only a well-formed torch file can really hold objects it refuses to load.
+        if not _is_torch_file(path):
+            raise SncaError(
+                f"checkpoint {path} is not a readable checkpoint (corrupt, truncated, or not a torch file); "
+                "use another checkpoint, e.g. best.pt or last.pt of the run"
+            ) from None
+        if "Unsupported global" in str(err):
             raise SncaError(f"checkpoint {path} holds objects that cannot be loaded safely (weights_only); it was not written by snca") from None
-        raise SncaError(f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__}: {first}); use another checkpoint, e.g. best.pt or last.pt of the run") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise SncaError(f"checkpoint {path} is corrupt ({type(err).__name__}: {first}); use another checkpoint, e.g. best.pt or last.pt of the run") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise SncaError(f"{path} is not an snca checkpoint (no 'format: {FORMAT}' entry)")
     if int(state.get("version", 0)) > VERSION:

@@ -44,6 +44,11 @@ class TrainConfig:
     subset: int | None = None  # use a class-stratified random subset of the training set
     test_subset: int | None = None  # same for the test set (faster monitoring)
     image_size: int | None = None  # None: the dataset's default
+    # few-shot: train on the base classes only (see snca.protocols.fewshot)
+    novel_classes: list[str] | None = None  # classes (names or ids) held out of training
+    split_file: str | None = None  # or a [base] / [val] / [novel] class-split file
+    class_split: dict[str, list[str]] | None = None  # recorded by training: base / val / novel class names
+    class_split_ids: dict[str, list[int]] | None = None  # the same as dataset class ids
     in_chans: int | None = None  # None: the dataset's channel count
     # model
     arch: str = "small_cnn"
@@ -277,6 +282,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.subset is None or cfg.subset >= 2, f"subset must be >= 2, got {cfg.subset}")
     need(cfg.test_subset is None or cfg.test_subset >= 1, f"test_subset must be >= 1, got {cfg.test_subset}")
     need(cfg.nesterov is False or cfg.momentum > 0, "nesterov needs momentum > 0; pass --set nesterov=false")
+    need(not (cfg.novel_classes and cfg.split_file), "give either novel_classes or split_file, not both")
+    need(cfg.novel_classes is None or len(cfg.novel_classes) > 0, "novel_classes needs at least one class")
+    need(cfg.label_set == "fine" or not (cfg.novel_classes or cfg.split_file or cfg.class_split_ids),
+         "few-shot class splits (novel_classes / split_file) need label_set fine")
     schedule = cfg.memory_momentum_schedule
     need(bool(schedule), "memory_momentum_schedule must have at least one entry, e.g. {0: 0.5}")
     need(min(schedule) == 0, "memory_momentum_schedule must start at epoch 0, e.g. {0: 0.5, 80: 0.8}")

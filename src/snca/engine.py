@@ -232,15 +232,68 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     )
 
 
+def uses_class_split(cfg: TrainConfig) -> bool:
+    """True when the run trains on the base classes of a few-shot split only."""
+    return bool(cfg.novel_classes or cfg.split_file or cfg.class_split_ids)
+
+
+def class_split_of(cfg: TrainConfig, classes: list[str]):
+    """The run's few-shot class split (a :class:`snca.protocols.fewshot.ResolvedSplit`) over a
+    dataset's ``classes``: the one recorded in the config (``class_split_ids``, checked against
+    the class names recorded with it), else the one ``novel_classes`` / ``split_file``
+    describe; None when the run trains on every class."""
+    from .protocols.fewshot import ResolvedSplit, read_split_file, resolve_split, split_from_novel
+
+    if cfg.class_split_ids:
+        ids = {s: sorted(int(i) for i in cfg.class_split_ids.get(s, [])) for s in ("base", "val", "novel")}
+        names = cfg.class_split or {}
+        for section, section_ids in ids.items():
+            if any(not 0 <= i < len(classes) for i in section_ids) or (
+                section in names and [classes[i] for i in section_ids] != list(names[section])
+            ):
+                raise SncaError(
+                    f"the run's recorded class split ({section} classes {list(names.get(section, section_ids))}) does not "
+                    "match this dataset's classes; use the dataset (and --data-dir) the run was trained on"
+                )
+        if not ids["base"]:
+            raise SncaError("the run's recorded class split has no base class")
+        return ResolvedSplit(ids["base"], ids["val"], ids["novel"], list(classes))
+    if cfg.split_file:
+        return resolve_split(read_split_file(cfg.split_file), classes)
+    if cfg.novel_classes:
+        return split_from_novel(cfg.novel_classes, classes)
+    return None
+
+
+def record_class_split(cfg: TrainConfig, split) -> TrainConfig:
+    """``cfg`` with the resolved split written into ``class_split`` (names) and
+    ``class_split_ids`` (dataset class ids), as saved in the run's config and checkpoints."""
+    import dataclasses
+
+    if split is None:
+        return dataclasses.replace(cfg, class_split=None, class_split_ids=None)
+    sections = ("base", "val", "novel")
+    return dataclasses.replace(
+        cfg,
+        class_split={s: split.names(s) for s in sections},
+        class_split_ids={s: [int(i) for i in getattr(split, s)] for s in sections},
+    )
+
+
 def build_datasets(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "test", "train_eval")) -> dict[str, Any]:
     """Datasets of a run: "train" (training transforms), "test" and "train_eval" (the training
-    images under test transforms, the gallery when features are recomputed)."""
+    images under test transforms, the gallery when features are recomputed).
+
+    With a few-shot class split (``novel_classes``, ``split_file`` or a recorded
+    ``class_split_ids``) every split keeps the base classes only, labels remapped to 0..B-1
+    (:func:`snca.protocols.fewshot.class_subset`; ``subset`` is drawn before the split)."""
     from .data import build_dataset, build_transforms
 
     out: dict[str, Any] = {}
+    class_split = None
     for split in splits:
         train_split = split in ("train", "train_eval")
-        out[split] = build_dataset(
+        dataset = build_dataset(
             cfg.dataset,
             "train" if train_split else "test",
             data_dir=cfg.data_dir,
@@ -249,6 +302,12 @@ def build_datasets(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "test",
             subset=cfg.subset if train_split else cfg.test_subset,
             seed=cfg.seed,
         )
+        if uses_class_split(cfg):
+            from .protocols.fewshot import class_subset
+
+            class_split = class_split or class_split_of(cfg, list(dataset.classes))
+            dataset = class_subset(dataset, class_split.base)
+        out[split] = dataset
     return out
 
 
@@ -493,6 +552,18 @@ class Trainer:
         return extract_features(self.model, dataset, self.cfg.eval_batch_size, self.device, kind,
                                  self.cfg.workers, self.cfg.amp, self.cfg.channels_last)
 
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (batch-norm running statistics) before evaluating.
+
+        DDP broadcasts rank 0's buffers at each training forward, after which every rank updates
+        its copy with its own batch: without this, each rank would embed its share of the test
+        set with slightly different statistics, none of them the ones the checkpoint saves."""
+        if self.world == 1:
+            return
+        buffers = sd.broadcast_object({k: v.cpu() for k, v in self.model.named_buffers()})
+        for name, buf in self.model.named_buffers():
+            buf.copy_(buffers[name])
+
     def _part(self, dataset):
         """This rank's contiguous share of an evaluation set (the whole set in one process):
         every item is embedded exactly once, by one rank."""
@@ -534,6 +605,7 @@ class Trainer:
         if self.test_set is None:
             return {}
         start = time.perf_counter()
+        self._sync_buffers()
         if self.bank is not None:
             feats, labels, _ = self._extract(self._part(self.test_set), "embedding")
             acc = self._knn(feats, labels, self.bank, None, None, [1], 1.0)[1]["top1"]
@@ -563,6 +635,7 @@ class Trainer:
         if self.test_set is None:
             return out
         start = time.perf_counter()
+        self._sync_buffers()
         test_part = self._part(self.test_set)
         test_f, test_y, _ = self._extract(test_part, "embedding")
         out["num_test"] = len(self.test_set)

@@ -1,5 +1,8 @@
 """``snca fewshot CKPT``: N-way K-shot episodes on novel classes (classes the model was not
-trained on), classified by weighted kNN or nearest class mean; mean accuracy with a 95 % CI."""
+trained on), classified by weighted kNN or nearest class mean; mean accuracy with a 95 % CI.
+
+A checkpoint of ``snca train --novel-classes ...`` / ``--split-file ...`` records its class
+split: its novel classes are the default, and novel classes it was trained on are refused."""
 
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "trained on the base classes only.",
     )
     add_source_args(p)
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--novel-classes", nargs="+", metavar="CLASS", help="novel class names or ids (the rest are base)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--novel-classes", nargs="+", metavar="CLASS",
+                       help="novel class names or ids (the rest are base); default: the split the checkpoint was trained with")
     group.add_argument("--split-file", help="file with [base] / [val] / [novel] sections, one class per line")
     p.add_argument("--way", type=int, default=5, help="classes per episode, N (5)")
     p.add_argument("--shot", type=int, nargs="+", default=[1, 5], help="support images per class, K (1 5)")
@@ -49,11 +53,27 @@ def run(args: argparse.Namespace) -> int:
     sigma = args.sigma if args.sigma is not None else float(src.config.get("temperature", 0.05))
     data = src.build(args.episode_split)
     classes = list(data.fine_classes)
+    recorded = src.config.get("class_split") if src.config.get("class_split_ids") else None
     if args.split_file:
         split = resolve_split(read_split_file(args.split_file), classes)
-    else:
+    elif args.novel_classes:
         split = split_from_novel(args.novel_classes, classes)
-    if src.bank is not None and src.bank.num_classes >= len(classes) and src.config.get("label_set") != "coarse":
+    elif recorded:
+        from ..config import config_from_dict
+        from ..engine import class_split_of
+
+        split = class_split_of(config_from_dict(src.config), classes)
+    else:
+        why = "this checkpoint records no class split (it was trained on every class)" if src.config else "there is no checkpoint split to use"
+        raise SncaError(f"pass --novel-classes or --split-file: {why}")
+    if recorded and src.model is not None:
+        seen = [name for name in split.names("novel") if name in set(recorded.get("base", []))]
+        if seen:
+            raise SncaError(
+                f"this checkpoint was trained on {', '.join(seen)} (base classes of its split), so they are not novel to it; "
+                f"its novel classes are {', '.join(recorded.get('novel', []))}: omit --novel-classes/--split-file to use them"
+            )
+    elif src.bank is not None and src.bank.num_classes >= len(classes) and src.config.get("label_set") != "coarse":
         print(
             f"note: this checkpoint was trained on {src.bank.num_classes} classes, all of the dataset's: "
             "the 'novel' classes are not novel to it",

@@ -36,6 +36,7 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--label-set", "label_set", str, "fine | coarse"),
     ("--subset", "subset", int, "train on a class-stratified subset of N images"),
     ("--test-subset", "test_subset", int, "evaluate on a class-stratified subset of N test images"),
+    ("--split-file", "split_file", str, "few-shot: train on the [base] classes of this class-split file only"),
     ("--arch", "arch", str, "small_cnn | cifar_resnet18 | resnet18 | resnet34 | resnet50 | timm:<name>"),
     ("--low-dim", "low_dim", int, "embedding dimension D (128)"),
     ("--loss", "loss", str, "nca (memory) | softmax (linear classifier baseline)"),
@@ -75,6 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(flag, dest=f"cfg_{key}", type=tp, default=argparse.SUPPRESS, metavar=key.upper(), help=help_text)
     for flag, key, value, help_text in SWITCHES:
         p.add_argument(flag, dest=f"cfg_{key}", action="store_const", const=value, default=argparse.SUPPRESS, help=help_text)
+    p.add_argument("--novel-classes", dest="cfg_novel_classes", nargs="+", default=argparse.SUPPRESS, metavar="CLASS",
+                   help="few-shot: hold these classes (names or ids) out of training; train on the rest (the base classes)")
     p.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (values parse as YAML, e.g. --set 'memory_momentum_schedule={0: 0.5, 80: 0.8}')")
     p.add_argument("--resume", metavar="PATH|auto", help="continue a run from a checkpoint (.pt or run directory), or 'auto': the latest run of this name, if any")
@@ -254,11 +257,13 @@ def train(cfg, run_dir: str | Path | None = None, resume_path: Path | None = Non
     """
     from .. import distributed as sd
 
+    joined_here = not sd.is_distributed()  # a caller's own process group is left to the caller
     info = sd.init_from_env(backend="gloo" if cfg.device == "cpu" else None)
     try:
         return _train(cfg, info, run_dir, resume_path, resume_state, resume_requested, log)
     finally:
-        sd.cleanup()
+        if joined_here:
+            sd.cleanup()
 
 
 def _train(cfg, info, run_dir: str | Path | None, resume_path: Path | None, resume_state: dict | None,
@@ -272,10 +277,13 @@ def _train(cfg, info, run_dir: str | Path | None, resume_path: Path | None, resu
         NonFiniteLossError,
         Trainer,
         build_datasets,
+        class_split_of,
+        record_class_split,
         resolve_config,
         resolve_device,
         seed_everything,
         set_deterministic,
+        uses_class_split,
     )
     from ..models import build_model
 
@@ -306,7 +314,11 @@ def _train(cfg, info, run_dir: str | Path | None, resume_path: Path | None, resu
 
     # Per-rank seed: different augmentations on every rank (DDP copies rank 0's initial weights).
     seed_everything(cfg.seed + info.rank)
+    if cfg.novel_classes or cfg.split_file:
+        cfg = record_class_split(cfg, None)  # re-derived from them: a resume may change the split
     data = build_datasets(cfg)
+    if uses_class_split(cfg):  # record the split (names and ids) in config.yaml and the checkpoints
+        cfg = record_class_split(cfg, class_split_of(cfg, list(data["train"].dataset.classes)))
     model = build_model(cfg.arch, low_dim=cfg.low_dim, in_chans=cfg.in_chans, weights=cfg.weights)
     trainer = Trainer(cfg, model, data["train"], data["test"], data["train_eval"], device=device)
     if resume_state is not None:
@@ -331,6 +343,9 @@ def _train(cfg, info, run_dir: str | Path | None, resume_path: Path | None, resu
     what = f"{cfg.loss} on {cfg.dataset} ({len(data['train'])} train / {len(data['test'])} test images), {cfg.arch}, device {device}"
     if world > 1:
         what += f" x {world} ranks ({info.backend}, {cfg.batch_size // world} images per rank per step)"
+    if cfg.class_split:
+        what += (f"; base classes only ({len(cfg.class_split['base'])} of {len(data['train'].dataset.classes)}, "
+                 f"novel: {', '.join(cfg.class_split['novel'])})")
     log(f"{'resuming' if resume_path else 'training'} {what}; run dir {run_path}"
         + (f" (from {resume_path}, epoch {trainer.epoch})" if resume_path else ""))
     wall_start = time.perf_counter()

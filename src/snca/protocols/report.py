@@ -442,6 +442,8 @@ Each protocol is a command on any checkpoint (`--features penultimate` for the b
 ```
 snca train --label-set coarse --name coarse          # coarse labels only (fashion-mnist, cifar100, folder + coarse.txt)
 snca subcategory runs/coarse                         # kNN against the fine labels it never saw
+snca train --novel-classes 5 6 7 8 9 --name base     # base classes only (or --split-file FILE); the split is saved in the checkpoint
+snca fewshot runs/base                               # episodes on its recorded novel classes (refuses classes it was trained on)
 snca fewshot CKPT --novel-classes 5 6 7 8 9          # or --split-file splits/fashion-mnist-novel.txt
 snca fewshot CKPT --dataset folder --data-dir DIR --split-file splits/miniimagenet.txt --episode-split val
 snca retrieval CKPT                                  # Recall@1/2/4/8, R-precision, mAP@R (leave-one-out on test)

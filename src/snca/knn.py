@@ -15,7 +15,9 @@ from torch import Tensor
 
 from .errors import SncaError
 
-DEFAULT_BLOCK_BYTES = 64 << 20  # fp32 similarity block per (query block x gallery block)
+DEFAULT_BLOCK_BYTES = 16 << 20  # fp32 similarity block per (query block x gallery block): ~L3-sized
+DEFAULT_BLOCK_BYTES_CUDA = 256 << 20  # on a GPU: fewer, larger kernels (and host syncs) per query block
+SUB_BLOCK = 64  # columns per run when screening a similarity block against the running k-th best
 
 
 @dataclass
@@ -71,7 +73,9 @@ def knn_search(
     queries = queries.to(device)
     dtype = torch.float32 if gallery.dtype not in (torch.float32, torch.float64) else gallery.dtype
     if gallery_block is None:
-        gallery_block = max(4096, DEFAULT_BLOCK_BYTES // (4 * min(query_block, max(len(queries), 1))))
+        budget = DEFAULT_BLOCK_BYTES_CUDA if device.type == "cuda" else DEFAULT_BLOCK_BYTES
+        gallery_block = max(4096, budget // (4 * min(query_block, max(len(queries), 1))))
+        gallery_block -= gallery_block % SUB_BLOCK  # whole runs: the fast screening path
     out_sims = torch.empty(len(queries), k_eff, dtype=dtype, device=device)
     out_idx = torch.empty(len(queries), k_eff, dtype=torch.long, device=device)
     # Exact products in the gallery's precision even inside an autocast region.
@@ -97,9 +101,11 @@ def _search_block(
     num_g = gallery.shape[0]
     best_s: Tensor | None = None
     best_i: Tensor | None = None
+    # One similarity buffer for all blocks (a fresh multi-MB tensor per block costs page faults).
+    buffer = torch.empty(q.shape[0] * min(gallery_block, num_g), dtype=dtype, device=q.device)
     for ga in range(0, num_g, gallery_block):
         g = gallery[ga : ga + gallery_block].to(dtype)
-        sims = q @ g.t()
+        sims = torch.mm(q, g.t(), out=buffer[: q.shape[0] * g.shape[0]].view(q.shape[0], g.shape[0]))
         if excl is not None:
             local = excl - ga
             hit = (local >= 0) & (local < g.shape[0])
@@ -115,21 +121,43 @@ def _search_block(
             else:
                 best_s, best_i = _merge(best_s, best_i, s, i, k)
             continue
-        rows, cols = torch.nonzero(sims > best_s[:, -1:], as_tuple=True)
+        rows, cols, values = _beating(sims, best_s[:, -1:])
         if rows.numel() == 0:
             continue
-        # Lay the candidates out as a (queries x most candidates of any query) matrix, padded
-        # with -inf, and merge it with the held top-k.
+        # Lay the candidates out as a (queries with candidates x most candidates of any query)
+        # matrix, padded with -inf, and merge it with those queries' held top-k.
         counts = torch.bincount(rows, minlength=q.shape[0])
         width = int(counts.max())
         rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        cand_s = torch.full((q.shape[0], width), -torch.inf, dtype=sims.dtype, device=sims.device)
-        cand_i = torch.zeros((q.shape[0], width), dtype=torch.long, device=sims.device)
-        cand_s[rows, rank] = sims[rows, cols]
-        cand_i[rows, rank] = cols + ga
-        best_s, best_i = _merge(best_s, best_i, cand_s, cand_i, k)
+        hit_rows = torch.nonzero(counts).flatten()
+        slot = torch.cumsum(counts > 0, 0) - 1  # row -> its place among hit_rows
+        cand_s = torch.full((hit_rows.numel(), width), -torch.inf, dtype=sims.dtype, device=sims.device)
+        cand_i = torch.zeros((hit_rows.numel(), width), dtype=torch.long, device=sims.device)
+        cand_s[slot[rows], rank] = values
+        cand_i[slot[rows], rank] = cols + ga
+        merged_s, merged_i = _merge(best_s[hit_rows], best_i[hit_rows], cand_s, cand_i, k)
+        best_s[hit_rows], best_i[hit_rows] = merged_s, merged_i
     assert best_s is not None and best_i is not None
     return best_s, best_i
+
+
+def _beating(sims: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, columns, values) of the entries of ``sims`` above each row's ``threshold``,
+    rows ascending. Runs of SUB_BLOCK columns are screened by their maxima first (one read of
+    the block, no B x block mask); only the few runs that beat the threshold are searched."""
+    num_q, width = sims.shape
+    if width % SUB_BLOCK:
+        rows, cols = torch.nonzero(sims > threshold, as_tuple=True)
+        return rows, cols, sims[rows, cols]
+    runs_per_row = width // SUB_BLOCK
+    run_max = sims.view(num_q, runs_per_row, SUB_BLOCK).amax(dim=2)
+    flat_runs = torch.nonzero((run_max > threshold).view(-1)).flatten()
+    # Whole runs are copied as rows (index_select), far cheaper than an element-wise gather.
+    values = sims.view(-1, SUB_BLOCK).index_select(0, flat_runs)
+    run_rows = torch.div(flat_runs, runs_per_row, rounding_mode="floor")
+    hit_run, hit_lane = torch.nonzero(values > threshold[run_rows], as_tuple=True)
+    cols = (flat_runs[hit_run] - run_rows[hit_run] * runs_per_row) * SUB_BLOCK + hit_lane
+    return run_rows[hit_run], cols, values[hit_run, hit_lane]
 
 
 def _merge(best_s: Tensor, best_i: Tensor, s: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:

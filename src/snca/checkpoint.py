@@ -204,3 +204,16 @@ def check_dataset(bank_labels: torch.Tensor, targets: torch.Tensor, what: str = 
             f"{what} was trained on a dataset with other labels (same size, {int((labels != targets).sum())} labels differ); "
             "use the dataset the checkpoint was trained on"
         )
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory's best.pt (else last.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise SncaError(f"run directory {p} holds no best.pt or last.pt")
+    if not p.is_file():
+        raise SncaError(f"checkpoint {p} does not exist; pass a .pt file or a run directory")
+    return p

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checkpoint import resolve_checkpoint
 from .errors import SncaError
 from .knn import knn_search, vote
 
@@ -595,19 +596,6 @@ def build_eval_dataset(
 def knn_sigma(config: dict) -> float:
     """The vote temperature of a run: its ``knn_sigma``, else its training temperature."""
     return float(config.get("knn_sigma") or config.get("temperature") or 0.05)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run directory's best.pt (else last.pt)."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise SncaError(f"run directory {p} holds no best.pt or last.pt")
-    if not p.is_file():
-        raise SncaError(f"checkpoint {p} does not exist; pass a .pt file or a run directory")
-    return p
 
 
 def dataset_ids(dataset: Any, indices: Tensor | Sequence[int], name: str, split: str) -> list[str]:

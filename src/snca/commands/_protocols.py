@@ -7,7 +7,6 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import SncaError
@@ -67,16 +66,6 @@ class Source:
         return dataset_features(dataset, self.kind, self.model, batch_size=self.batch_size, device=self.device)
 
 
-def _checkpoint_path(path: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise SncaError(f"run directory {p} holds no best.pt or last.pt")
-    return p
-
-
 def load_source(args: argparse.Namespace) -> Source:
     if args.batch_size < 1:
         raise SncaError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -85,19 +74,19 @@ def load_source(args: argparse.Namespace) -> Source:
             print("note: --features pixels ignores the checkpoint's network (only its dataset is used)", file=sys.stderr)
         config: dict[str, Any] = {}
         if args.checkpoint:
-            from ..checkpoint import load_checkpoint
+            from ..checkpoint import load_checkpoint, resolve_checkpoint
 
-            config = dict(load_checkpoint(_checkpoint_path(args.checkpoint))["config"])
+            config = dict(load_checkpoint(resolve_checkpoint(args.checkpoint))["config"])
         model, bank, device = None, None, "cpu"
         what = "raw pixels"
     else:
         if not args.checkpoint:
             raise SncaError(f"{args.features} features need a checkpoint: pass CKPT, or use --features pixels")
-        from ..checkpoint import load_trained
+        from ..checkpoint import load_trained, resolve_checkpoint
         from ..engine import resolve_device
 
         device = str(resolve_device(args.device))
-        path = _checkpoint_path(args.checkpoint)
+        path = resolve_checkpoint(args.checkpoint)
         model, config, bank = load_trained(path, device)
         what = f"{config.get('loss', '?')} {config.get('arch', '?')} {args.features} ({path})"
     return Source(

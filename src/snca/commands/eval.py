@@ -45,28 +45,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def checkpoint_path(path: str):
-    from pathlib import Path
-
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise SncaError(f"run directory {p} holds no best.pt or last.pt")
-    return p
-
-
 def load_for_eval(args: argparse.Namespace):
     """(model, resolved TrainConfig, bank or None, device, checkpoint path) for eval/extract."""
     import dataclasses
 
-    from ..checkpoint import load_trained
+    from ..checkpoint import load_trained, resolve_checkpoint
     from ..config import config_from_dict
     from ..data import dataset_info
     from ..engine import resolve_device
 
-    path = checkpoint_path(args.checkpoint)
+    path = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model, config, bank = load_trained(path, device)
     cfg = config_from_dict(config)

@@ -43,7 +43,7 @@ from torch import Tensor
 from .errors import SncaError
 from .knn import KNNResult, knn_search, vote
 from .memory import MemoryBank, shard_range
-from .nca import NCAStats, nca_loss, rescale_stats
+from .nca import NCALoss, NCAStats, nca_loss, rescale_stats
 
 DEFAULT_TIMEOUT_S = 600.0  # a dead or stuck rank fails the job after 10 min instead of hanging
 _CHECKPOINT_BLOCK_BYTES = 32 << 20  # rows per send/recv when gathering the bank to rank 0
@@ -532,7 +532,7 @@ def update_sharded(
     bank.update(all_f, all_i, momentum)
 
 
-class ShardedNCALoss(torch.nn.Module):
+class ShardedNCALoss(NCALoss):
     """:class:`snca.NCALoss` for a sharded bank: loss, then (in training mode) the memory update,
     with one all_gather of the batch per step."""
 
@@ -545,14 +545,7 @@ class ShardedNCALoss(torch.nn.Module):
         chunk_size: int | None = None,
         group: dist.ProcessGroup | None = None,
     ) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise SncaError(f"temperature must be > 0, got {temperature}")
-        self.bank = bank
-        self.temperature = float(temperature)
-        self.margin = float(margin)
-        self.update_memory = update_memory
-        self.chunk_size = chunk_size
+        super().__init__(bank, temperature, margin, update_memory, chunk_size)
         self.group = group
 
     def forward(self, features: Tensor, indices: Tensor) -> Tensor:
@@ -560,9 +553,6 @@ class ShardedNCALoss(torch.nn.Module):
             features, indices, self.bank, self.temperature, self.margin, self.group,
             chunk_size=self.chunk_size, update_memory=self.update_memory and self.training,
         )
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, margin={self.margin}, update_memory={self.update_memory}"
 
 
 # ---------------------------------------------------------------------------- kNN

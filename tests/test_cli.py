@@ -14,11 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from snca.checkpoint import load_checkpoint, load_trained, save_checkpoint
+from snca.checkpoint import load_checkpoint, load_run, save_checkpoint
 from snca.cli import main
-from snca.config import config_from_dict
-from snca.data import build_dataset
-from snca.engine import build_datasets, extract_features
+from snca.data import build_dataset, run_datasets
+from snca.features import extract
 from snca.errors import SncaError
 from snca.knn import knn_classify, topk_accuracy
 
@@ -66,7 +65,7 @@ def test_no_command_prints_usage(capsys):
 # ---------------------------------------------------------------------- bad inputs
 def test_unknown_set_key(capsys):
     assert_one_line_error(*run_cli(capsys, "train", "--set", "learning_rate=0.1")[::2], "unknown config key 'learning_rate'")
-    assert_one_line_error(*run_cli(capsys, "train", "--set", "epochs=many")[::2], "'epochs' expects int")
+    assert_one_line_error(*run_cli(capsys, "train", "--set", "epochs=many")[::2], "'optim.epochs'", "could not be converted to Integer")
     assert_one_line_error(*run_cli(capsys, "train", "--config", "nonexistent-recipe")[::2], "unknown recipe")
 
 
@@ -99,7 +98,7 @@ def test_mismatched_checkpoints(capsys, tmp_path, trained):
                           "600 images, this dataset has 500")
     # weights that do not fit the architecture the config names
     state = load_checkpoint(ckpt)
-    state["config"]["low_dim"] = 64
+    state["config"]["model"]["low_dim"] = 64
     save_checkpoint(tmp_path / "tampered.pt", {k: v for k, v in state.items() if k not in ("format", "version")})
     assert_one_line_error(*run_cli(capsys, "eval", tmp_path / "tampered.pt")[::2], "does not match this model")
     # evaluating on a dataset of another kind (3-channel CIFAR layout vs a 1-channel model)
@@ -124,7 +123,7 @@ def test_eval_reports_both_galleries_and_matches_the_training_run(capsys, traine
     assert rows["recomputed", 30]["top1"] == pytest.approx(final["knn_recomputed_top1"])
     assert result["num_queries"] == 200 and all(r["sigma"] == 0.05 for r in result["results"])
     assert all(r["top5"] >= r["top1"] for r in result["results"])
-    code, out, _ = run_cli(capsys, "eval", trained, "--gallery", "memory", "--sigma", "0.1")  # run dir -> best.pt
+    code, out, _ = run_cli(capsys, "eval", trained, "--gallery", "memory", "--sigma", "0.1")  # run dir -> last.pt
     assert code == 0 and "memory" in out and "recomputed" not in out and "top-1" in out
 
 
@@ -144,9 +143,9 @@ def test_extract_round_trip(capsys, tmp_path, trained, suffix):
 
         z = load_file(out)
         feats, labels, ids = z["features"], z["labels"], z["ids"]
-    model, config, _ = load_trained(trained / "last.pt")
-    test = build_datasets(config_from_dict(config), ("test",))["test"]
-    ref, ref_labels, ref_ids = extract_features(model, test, batch_size=64)
+    run = load_run(trained / "last.pt")
+    test = run_datasets(run.config, ("test",), run.facts)["test"]
+    ref, ref_labels, ref_ids = extract(run.model, test, batch_size=64)
     assert feats.dtype == np.float32 and feats.shape == (200, 128)
     np.testing.assert_allclose(feats, ref.numpy(), atol=1e-5)
     np.testing.assert_array_equal(labels, ref_labels.numpy())
@@ -179,7 +178,7 @@ def test_resume_auto_continues_and_new_runs_get_numbered(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "train", *common, "--epochs", "2", "--resume", "auto")
     assert code == 0 and "resuming" in out and "epoch 2/2" in out and "epoch 1/2" not in out
     state = load_checkpoint(out_dir / "demo" / "last.pt")
-    assert state["epoch"] == 2 and state["config"]["epochs"] == 2
+    assert state["epoch"] == 2 and state["config"]["optim"]["epochs"] == 2
     lines = (out_dir / "demo" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["kind"] for x in lines] == ["epoch", "epoch", "final"]
     # a fresh run with the same name does not overwrite the first one
@@ -255,7 +254,7 @@ def test_each_dataset_kind_trains_one_epoch(capsys, tmp_path, kind):
     assert code == 0, err
     final = json.loads((run / "final.json").read_text())
     assert 0.0 <= final["knn_top1"] <= 1.0 and final["num_test"] > 0
-    assert load_checkpoint(run / "last.pt")["config"]["in_chans"] == 3
+    assert load_checkpoint(run / "last.pt")["facts"]["in_chans"] == 3
     code, out, _ = run_cli(capsys, "eval", run / "last.pt", "--k", "1", "5", "--json")
     assert code == 0 and len(json.loads(out)["results"]) == 4
 

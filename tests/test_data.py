@@ -19,10 +19,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-import snca.data as data
+import snca.data.readers as readers  # the module that reads SYSTEM_DIRS and downloads
 from snca.data import (
     COARSE_GROUPS,
     FASHION_MNIST_CLASSES,
+    DatasetInfo,
     build_dataset,
     build_transforms,
     dataset_info,
@@ -101,7 +102,7 @@ def test_fashion_mnist_matches_torchvision_reader(fm_test, torchvision_root):
 
 
 def test_fashion_mnist_from_data_dir_layouts(torchvision_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_DIRS", {})
+    monkeypatch.setattr(readers, "SYSTEM_DIRS", {})
     # torchvision layout (decompressed files).
     a = build_dataset("fashion-mnist", "test", data_dir=torchvision_root)
     # the .gz files directly in data_dir
@@ -114,14 +115,14 @@ def test_fashion_mnist_from_data_dir_layouts(torchvision_root, tmp_path, monkeyp
 
 
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_DIRS", {"fashion-mnist": [tmp_path / "nowhere"]})
+    monkeypatch.setattr(readers, "SYSTEM_DIRS", {"fashion-mnist": [tmp_path / "nowhere"]})
     calls = []
 
     def offline(key, root):
         calls.append((key, root))
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(data, "_download_torchvision", offline)
+    monkeypatch.setattr(readers, "_download_torchvision", offline)
     with pytest.raises(SncaError) as err:
         build_dataset("fashion-mnist", "train", data_dir=tmp_path / "mine")
     msg = _one_line(err)
@@ -135,7 +136,7 @@ def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_download_fallback_is_used(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_DIRS", {"fashion-mnist": []})
+    monkeypatch.setattr(readers, "SYSTEM_DIRS", {"fashion-mnist": []})
 
     def fake_download(key, root):  # what torchvision leaves behind: FashionMNIST/raw/*.gz
         raw = Path(root) / "FashionMNIST" / "raw"
@@ -143,13 +144,13 @@ def test_fashion_mnist_download_fallback_is_used(tmp_path, monkeypatch):
         for gz in FMNIST_DIR.glob("t10k-*.gz"):
             shutil.copy(gz, raw / gz.name)
 
-    monkeypatch.setattr(data, "_download_torchvision", fake_download)
+    monkeypatch.setattr(readers, "_download_torchvision", fake_download)
     ds = build_dataset("fashion-mnist", "test", data_dir=tmp_path / "dl")
     assert len(ds) == 10000
 
 
 def test_truncated_idx_file_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_DIRS", {})
+    monkeypatch.setattr(readers, "SYSTEM_DIRS", {})
     raw = gzip.decompress((FMNIST_DIR / "t10k-images-idx3-ubyte.gz").read_bytes())
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw[: len(raw) // 2])
     shutil.copy(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz", tmp_path)
@@ -525,7 +526,7 @@ def test_loader_batches(fm_test):
 
 
 def test_registry_and_argument_errors():
-    assert dataset_info("fashion-mnist") == data.DatasetInfo(1, 28, 10, (0.2860,), (0.3530,))
+    assert dataset_info("fashion-mnist") == DatasetInfo(1, 28, 10, (0.2860,), (0.3530,))
     assert dataset_info("CIFAR-10").num_classes == 10 and dataset_info("folder").num_classes is None
     assert dataset_info("imagenet").image_size == 224
     with pytest.raises(SncaError) as err:
@@ -536,4 +537,16 @@ def test_registry_and_argument_errors():
     with pytest.raises(SncaError, match="label_set"):
         build_dataset("fashion-mnist", "test", label_set="medium")
     with pytest.raises(SncaError, match="no coarse labels"):
-        build_dataset("mnist5k", "test", label_set="coarse")
+        build_dataset("cifar10", "test", label_set="coarse")  # (the digits have coarse labels now)
+
+
+def test_digit_coarse_labels_nest_the_fine_ones():
+    from snca.data import DIGIT_COARSE_GROUPS
+
+    fine = build_dataset("mnist5k", "train")
+    coarse = build_dataset("mnist5k", "train", label_set="coarse")
+    assert coarse.classes == list(DIGIT_COARSE_GROUPS) and torch.equal(coarse.fine_targets, fine.targets)
+    for cid, members in enumerate(DIGIT_COARSE_GROUPS.values()):
+        for digit in members:
+            assert bool((coarse.targets[fine.targets == int(digit)] == cid).all())
+    assert sorted(d for m in DIGIT_COARSE_GROUPS.values() for d in m) == [str(i) for i in range(10)]

@@ -483,10 +483,10 @@ def test_torchrun_trains_data_parallel_and_one_process_reads_the_checkpoint(tmp_
     """``torchrun --nproc-per-node 2 -m snca train`` on real MNIST digits (600 images): DDP with
     the sharded memory. Rank 0 alone logs and writes; the checkpoint holds the whole memory
     (W = 2 -> 1), which ``snca eval`` and a resumed single-process run read."""
-    from snca.checkpoint import load_checkpoint, load_trained
+    from snca.checkpoint import STATE_FILE, load_checkpoint, load_run
     from snca.cli import main
     from snca.config import config_from_dict
-    from snca.engine import build_datasets
+    from snca.data import run_datasets
 
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -505,7 +505,14 @@ def test_torchrun_trains_data_parallel_and_one_process_reads_the_checkpoint(tmp_
     assert proc.stdout.count("epoch 1/1") == 1
 
     assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "last.pt"]
-    assert (run / "best.pt").read_bytes() == (run / "last.pt").read_bytes()
+    # A sharded checkpoint (torch.distributed.checkpoint): each rank wrote its own memory rows,
+    # rank 0 the rest; best.pt holds the same files (hard links).
+    files = sorted(p.name for p in (run / "last.pt").iterdir())
+    assert STATE_FILE in files and sum(f.endswith(".distcp") for f in files) == 2, files
+    assert files == sorted(p.name for p in (run / "best.pt").iterdir())
+    assert all((run / "best.pt" / f).read_bytes() == (run / "last.pt" / f).read_bytes() for f in files)
+    rest = torch.load(run / "last.pt" / STATE_FILE, weights_only=True)
+    assert "slots" not in rest["memory"] and rest["world_size"] == 2 and len(rest["rng"]) == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["epoch", "final"]
     assert records[0]["val_top1"] > 0.3  # 10 classes: chance is 0.1
@@ -515,15 +522,15 @@ def test_torchrun_trains_data_parallel_and_one_process_reads_the_checkpoint(tmp_
     # The checkpoint holds the whole memory: every slot, in one single-process bank.
     state = load_checkpoint(run / "last.pt")
     cfg = config_from_dict(state["config"])
-    train_targets = build_datasets(cfg, ("train_eval",))["train_eval"].targets
-    model, _, bank = load_trained(run / "last.pt")
-    assert (bank.rank, bank.world_size) == (0, 1) and bank.slots.shape == (600, cfg.low_dim)
+    train_targets = run_datasets(cfg, ("gallery",))["gallery"].targets
+    bank = load_run(run / "last.pt").memory
+    assert (bank.rank, bank.world_size) == (0, 1) and bank.slots.shape == (600, cfg.model.low_dim)
     assert torch.equal(bank.labels, train_targets)
-    resharded = sd.sharded_bank(train_targets, dim=cfg.low_dim, num_classes=bank.num_classes)  # no group: W = 1
+    resharded = sd.sharded_bank(train_targets, dim=cfg.model.low_dim, num_classes=bank.num_classes)  # no group: W = 1
     sd.load_bank_state(resharded, state["memory"])
     assert torch.equal(resharded.slots, bank.slots)
     # every slot was written by the epoch (DistributedSampler covers every sample on some rank)
-    initial = MemoryBank(train_targets, dim=cfg.low_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    initial = MemoryBank(train_targets, dim=cfg.model.low_dim, generator=torch.Generator().manual_seed(cfg.run.seed))
     assert ((bank.features_by_index() * initial.features_by_index()).sum(1) < 0.99).all()
 
     # One process evaluates it: the sharded kNN of training gave the same accuracy (ties and

@@ -3,6 +3,7 @@ Fashion-MNIST / MNIST data, checkpoints and exact resume, NaN handling, softmax 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -11,79 +12,95 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snca.checkpoint import load_checkpoint, load_trained, save_checkpoint
-from snca.commands.train import train
-from snca.config import (
-    TrainConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    load_recipe,
-    momentum_at,
-    parse_set,
-    recipe_names,
-)
-from snca.engine import LRSchedule, Trainer, build_datasets, extract_features
+from snca.checkpoint import load_checkpoint, load_run, save_checkpoint
+from snca.config import Config, config_from_dict, config_to_dict, load_config, momentum_at, parse_set, recipe_names
+from snca.data import run_datasets
 from snca.errors import SncaError
+from snca.features import extract
 from snca.knn import knn_classify, topk_accuracy
+from snca.train import Trainer, fit, lr_at
+
+
+def train(cfg, run_dir=None, resume_path=None, log=print, **_unused):
+    """The final metrics of a run (None when interrupted), as the tests below read them."""
+    return fit(cfg, run_dir=run_dir, resume=resume_path, log=log).final
 
 torch.set_num_threads(1)  # the test machine is shared: one thread avoids oversubscription
 
 TINY = dict(
     dataset="fashion-mnist", subset=1000, test_subset=400, arch="small_cnn", epochs=3, batch_size=32,
-    lr=0.05, lr_schedule="cosine", progress="off", plot=True, eval_batch_size=512, knn_k=30,
+    lr=0.05, lr_schedule="cosine", progress="off", plot=True, embed_batch_size=512, knn_k=30,
 )
 
 
-def tiny_config(**changes) -> TrainConfig:
-    return apply_overrides(load_recipe("fashion-mnist"), {**TINY, **changes})
+def tiny_config(**changes) -> Config:
+    return load_config("fashion-mnist", {**TINY, **changes})
 
 
 # ---------------------------------------------------------------------- config
 def test_recipes_load_and_match_the_reference():
     assert {"fashion-mnist", "cifar10", "cifar100", "imagenet"} <= set(recipe_names())
-    imnet = load_recipe("imagenet")
-    assert (imnet.dataset, imnet.arch, imnet.epochs, imnet.batch_size) == ("folder", "resnet18", 130, 256)
-    assert (imnet.lr, imnet.lr_schedule, imnet.lr_step_size, imnet.lr_gamma) == (0.1, "step", 40, 0.1)
-    assert imnet.weight_decay == pytest.approx(1e-4) and imnet.nesterov and imnet.momentum == 0.9
-    assert (imnet.temperature, imnet.low_dim, imnet.image_size) == (0.05, 128, 224)
-    assert imnet.memory_momentum_schedule == {0: 0.5, 80: 0.8, 120: 0.9}
-    assert [momentum_at(imnet.memory_momentum_schedule, e) for e in (0, 79, 80, 119, 120, 129)] == [0.5, 0.5, 0.8, 0.8, 0.9, 0.9]
+    imnet = load_config("imagenet")
+    assert (imnet.data.dataset, imnet.model.arch, imnet.optim.epochs, imnet.optim.batch_size) == ("folder", "resnet18", 130, 256)
+    o = imnet.optim
+    assert (o.lr, o.lr_schedule, o.lr_step_size, o.lr_gamma) == (0.1, "step", 40, 0.1)
+    assert o.weight_decay == pytest.approx(1e-4) and o.nesterov and o.momentum == 0.9
+    assert (imnet.objective.temperature, imnet.model.low_dim, imnet.data.image_size) == (0.05, 128, 224)
+    schedule = imnet.objective.memory_momentum_schedule
+    assert schedule == {0: 0.5, 80: 0.8, 120: 0.9}
+    assert [momentum_at(schedule, e) for e in (0, 79, 80, 119, 120, 129)] == [0.5, 0.5, 0.8, 0.8, 0.9, 0.9]
     for name in ("cifar10", "cifar100"):
-        c = load_recipe(name)
-        assert (c.dataset, c.arch, c.epochs, c.batch_size, c.lr_step_size) == (name, "cifar_resnet18", 200, 128, 50)
-        assert c.weight_decay == pytest.approx(5e-4)
-    fm = load_recipe("fashion-mnist")
-    assert fm == TrainConfig()  # the dataclass defaults are the default recipe
-    assert (fm.arch, fm.temperature, fm.low_dim) == ("small_cnn", 0.05, 128)
+        c = load_config(name)
+        assert (c.data.dataset, c.model.arch, c.optim.epochs, c.optim.batch_size, c.optim.lr_step_size) == (name, "cifar_resnet18", 200, 128, 50)
+        assert c.optim.weight_decay == pytest.approx(5e-4)
+    fm = load_config("fashion-mnist")
+    assert fm == Config()  # the dataclass defaults are the default recipe
+    assert (fm.model.arch, fm.objective.temperature, fm.model.low_dim) == ("small_cnn", 0.05, 128)
 
 
 def test_overrides_are_type_checked():
-    cfg = apply_overrides(TrainConfig(), parse_set(["lr=0.2", "epochs=3", "weight_decay=1e-4", "data_dir=null",
-                                                    "memory_momentum_schedule={0: 0.5, 2: 0.9}", "nesterov=false"]))
-    assert (cfg.lr, cfg.epochs, cfg.weight_decay, cfg.data_dir, cfg.nesterov) == (0.2, 3, 1e-4, None, False)
-    assert cfg.memory_momentum_schedule == {0: 0.5, 2: 0.9}
+    cfg = load_config("fashion-mnist", parse_set(["lr=0.2", "epochs=3", "weight_decay=1e-4", "data_dir=null",
+                                                   "memory_momentum_schedule={0: 0.5, 2: 0.9}", "optim.nesterov=false"]))
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.weight_decay, cfg.data.data_dir, cfg.optim.nesterov) == (0.2, 3, 1e-4, None, False)
+    assert cfg.objective.memory_momentum_schedule == {0: 0.5, 2: 0.9}  # replaced, not merged with the default
     with pytest.raises(SncaError, match="unknown config key 'lrate'"):
         parse_set(["lrate=0.1"])
-    with pytest.raises(SncaError, match="expects int"):
-        parse_set(["epochs=2.5"])
-    with pytest.raises(SncaError, match="expects bool"):
-        parse_set(["deterministic=maybe"])
+    with pytest.raises(SncaError, match="optim.epochs.*could not be converted to Integer"):
+        load_config("fashion-mnist", parse_set(["epochs=2.5"]))
+    with pytest.raises(SncaError, match="run.deterministic.*not a valid bool"):
+        load_config("fashion-mnist", parse_set(["deterministic=maybe"]))
     with pytest.raises(SncaError, match="loss must be one of"):
-        apply_overrides(TrainConfig(), {"loss": "triplet"})
+        load_config("fashion-mnist", {"loss": "triplet"})
     with pytest.raises(SncaError, match="start at epoch 0"):
-        apply_overrides(TrainConfig(), {"memory_momentum_schedule": {5: 0.5}})
+        load_config("fashion-mnist", {"memory_momentum_schedule": {5: 0.5}})
+    with pytest.raises(SncaError, match="lr must be a finite number"):
+        load_config("fashion-mnist", {"lr": float("inf")})
     # the saved form round-trips
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
 def test_lr_schedules():
-    step = LRSchedule(apply_overrides(TrainConfig(), {"lr_schedule": "step", "lr": 0.1, "lr_step_size": 40, "epochs": 130}))
-    assert [step.lr_at(e) for e in (0, 39.9, 40, 80, 120)] == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.0001])
-    cos = LRSchedule(apply_overrides(TrainConfig(), {"lr_schedule": "cosine", "lr": 0.2, "epochs": 10, "min_lr": 0.0}))
-    assert cos.lr_at(0) == pytest.approx(0.2) and cos.lr_at(5) == pytest.approx(0.1) and cos.lr_at(10) == pytest.approx(0.0)
-    warm = LRSchedule(apply_overrides(TrainConfig(), {"lr_schedule": "constant", "lr": 0.1, "warmup_epochs": 2}))
-    assert warm.lr_at(1) == pytest.approx(0.1 * 1.001 / 2) and warm.lr_at(2) == 0.1
+    step = load_config("fashion-mnist", {"lr_schedule": "step", "lr": 0.1, "lr_step_size": 40, "epochs": 130}).optim
+    assert [lr_at(step, e) for e in (0, 39.9, 40, 80, 120)] == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.0001])
+    cos = load_config("fashion-mnist", {"lr_schedule": "cosine", "lr": 0.2, "epochs": 10, "min_lr": 0.0}).optim
+    assert lr_at(cos, 0) == pytest.approx(0.2) and lr_at(cos, 5) == pytest.approx(0.1) and lr_at(cos, 10) == pytest.approx(0.0)
+    warm = load_config("fashion-mnist", {"lr_schedule": "constant", "lr": 0.1, "warmup_epochs": 2}).optim
+    assert lr_at(warm, 1) == pytest.approx(0.1 * 1.001 / 2) and lr_at(warm, 2) == 0.1
+
+
+def test_the_scheduler_follows_the_schedule_per_step_and_resumes():
+    """torch's LambdaLR drives the step's lr (epoch + step / steps), and its state_dict resumes it."""
+    cfg = load_config("fashion-mnist", {"subset": 100, "batch_size": 25, "epochs": 4, "lr": 0.2, "lr_schedule": "cosine"})
+    data = run_datasets(cfg, ("train",))
+    trainer = Trainer(cfg, MLPNet(128), data["train"])
+    seen = []
+    for group in itertools.islice(trainer._groups(), 3):
+        seen.append(trainer.lr)
+        trainer.train_step(group)
+    assert seen == pytest.approx([lr_at(cfg.optim, s / 4) for s in range(3)])
+    other = Trainer(cfg, MLPNet(128), data["train"])
+    other.scheduler.load_state_dict(trainer.scheduler.state_dict())
+    assert other.scheduler.get_last_lr() == pytest.approx([lr_at(cfg.optim, 3 / 4)])
 
 
 # ---------------------------------------------------------------------- gradient accumulation
@@ -107,26 +124,26 @@ class MLPNet(nn.Module):
 
 
 def _trainer(loss: str, batch_size: int, iter_size: int, data) -> Trainer:
-    cfg = apply_overrides(TrainConfig(), dict(dataset="fashion-mnist", subset=100, low_dim=16, loss=loss, batch_size=batch_size,
-                                              iter_size=iter_size, lr=0.5, lr_schedule="constant", weight_decay=1e-3, epochs=1))
+    cfg = load_config("fashion-mnist", dict(dataset="fashion-mnist", subset=100, low_dim=16, loss=loss, batch_size=batch_size,
+                                            iter_size=iter_size, lr=0.5, lr_schedule="constant", weight_decay=1e-3, epochs=1))
     torch.manual_seed(0)
-    return Trainer(cfg, MLPNet(16), data["train"], data["test"])
+    return Trainer(cfg, MLPNet(16), data["train"])
 
 
 @pytest.mark.parametrize("loss", ["nca", "softmax"])
 def test_gradient_accumulation_matches_the_full_batch(loss):
-    cfg = apply_overrides(TrainConfig(), dict(dataset="fashion-mnist", subset=100, test_subset=100))
-    data = build_datasets(cfg, ("train", "test"))
+    cfg = load_config("fashion-mnist", dict(dataset="fashion-mnist", subset=100, test_subset=100))
+    data = run_datasets(cfg, ("train", "test"))
     full, split = _trainer(loss, 40, 1, data), _trainer(loss, 20, 2, data)
     # one step: the 40-sample batch vs two micro-batches of 20 -> the same gradient
     x, y, idx = next(iter(torch.utils.data.DataLoader(data["train"], batch_size=40)))
-    full.train_step([(x, y, idx)], lr=0.5)
-    split.train_step([(x[:20], y[:20], idx[:20]), (x[20:], y[20:], idx[20:])], lr=0.5)
+    full.train_step([(x, y, idx)])
+    split.train_step([(x[:20], y[:20], idx[:20]), (x[20:], y[20:], idx[20:])])
     for a, b in zip(full.model.parameters(), split.model.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if loss == "nca":
-        torch.testing.assert_close(full.bank.slots, split.bank.slots, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(full.objective.memory.slots, split.objective.memory.slots, rtol=1e-5, atol=1e-6)
     # a whole epoch (100 samples: steps of 40, 40 and an uneven 20 = micro-batches 20+20, 20+20, 20)
     full, split = _trainer(loss, 40, 1, data), _trainer(loss, 20, 2, data)
     assert full.steps_per_epoch == split.steps_per_epoch == 3
@@ -138,7 +155,7 @@ def test_gradient_accumulation_matches_the_full_batch(loss):
     for a, b in zip(full.model.parameters(), split.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     if loss == "nca":
-        torch.testing.assert_close(full.bank.slots, split.bank.slots, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(full.objective.memory.slots, split.objective.memory.slots, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- end to end
@@ -162,17 +179,18 @@ def test_tiny_fashion_mnist_run_learns_and_writes_its_files(nca_run):
     assert final["knn_recomputed_top1"] > 0.5
     assert lines[-1]["knn_top1"] == final["knn_top1"]
     cfg = config_from_dict(__import__("yaml").safe_load((run_dir / "config.yaml").read_text()))
-    assert cfg.subset == 1000 and cfg.in_chans == 1
+    assert cfg == tiny_config()  # the config as chosen; derived facts are kept beside it
+    assert load_checkpoint(run_dir / "last.pt")["facts"]["in_chans"] == 1
 
 
 def test_final_knn_matches_an_independent_computation(nca_run):
     """The reported weighted-kNN accuracy equals a direct computation from the checkpoint:
     queries embedded here, the saved memory as gallery, knn_classify with k=30, sigma=T."""
     run_dir, final = nca_run
-    model, config, bank = load_trained(run_dir / "last.pt")
-    cfg = config_from_dict(config)
-    test = build_datasets(cfg, ("test",))["test"]
-    feats, labels, ids = extract_features(model, test, batch_size=97)
+    run = load_run(run_dir)
+    model, bank = run.model, run.memory
+    test = run_datasets(run.config, ("test",), run.facts)["test"]
+    feats, labels, ids = extract(model, test, batch_size=97)
     assert torch.equal(ids, torch.arange(len(test))) and torch.equal(labels, test.targets)
     assert torch.allclose(feats.norm(dim=1), torch.ones(len(test)), atol=1e-5)
     # gallery by hand: slots in class-sorted order, their labels sorted likewise
@@ -185,8 +203,8 @@ def test_final_knn_matches_an_independent_computation(nca_run):
 def test_checkpoint_layout_and_weights_only(nca_run):
     run_dir, _ = nca_run
     state = load_checkpoint(run_dir / "last.pt")
-    assert state["format"] == "snca-checkpoint" and state["version"] == 1 and state["epoch"] == 3
-    assert set(state) >= {"config", "model", "memory", "classifier", "optimizer", "scheduler", "epoch", "rng", "metrics"}
+    assert state["format"] == "snca-checkpoint" and state["version"] == 2 and state["epoch"] == 3
+    assert set(state) >= {"config", "facts", "model", "memory", "classifier", "optimizer", "scheduler", "epoch", "rng", "metrics"}
     assert state["classifier"] is None and state["memory"]["slots"].shape == (1000, 128)
     assert set(state["rng"]) >= {"python", "numpy", "torch", "loader"}
     assert len(state["metrics"]) == 3
@@ -200,8 +218,8 @@ def test_softmax_baseline_runs_and_reports_both_feature_kinds(tmp_path):
     assert final["knn_top1"] > 0.5 and final["knn_penultimate_top1"] > 0.5
     state = load_checkpoint(tmp_path / "sm" / "last.pt")
     assert state["memory"] is None and state["classifier"]["weight"].shape == (10, 128)
-    model, config, bank = load_trained(tmp_path / "sm" / "best.pt")
-    assert bank is None and config["loss"] == "softmax" and not model.training
+    run = load_run(tmp_path / "sm" / "best.pt")
+    assert run.memory is None and run.config.objective.loss == "softmax" and not run.model.training
 
 
 def test_resume_is_bit_identical_in_deterministic_mode(tmp_path):
@@ -215,8 +233,7 @@ def test_resume_is_bit_identical_in_deterministic_mode(tmp_path):
 
     assert train(cfg, run_dir=tmp_path / "cut", log=interrupt_after_first_epoch) is None
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
-    resumed = train(cfg, run_dir=tmp_path / "cut", resume_path=tmp_path / "cut" / "last.pt",
-                    resume_state=load_checkpoint(tmp_path / "cut" / "last.pt"), log=lambda *a: None)
+    resumed = train(cfg, run_dir=tmp_path / "cut", resume_path=tmp_path / "cut" / "last.pt", log=lambda *a: None)
     a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -243,9 +260,9 @@ def test_mismatched_resume_is_refused(nca_run, tmp_path):
     run_dir, _ = nca_run
     state = load_checkpoint(run_dir / "last.pt")
     with pytest.raises(SncaError, match="low_dim"):
-        train(tiny_config(low_dim=64), run_dir=tmp_path / "x", resume_path=run_dir / "last.pt", resume_state=state)
+        train(tiny_config(low_dim=64), run_dir=tmp_path / "x", resume_path=run_dir / "last.pt")
     with pytest.raises(SncaError, match="1000 images, this dataset has 600"):
-        train(tiny_config(subset=600), run_dir=tmp_path / "y", resume_path=run_dir / "last.pt", resume_state=state)
+        train(tiny_config(subset=600), run_dir=tmp_path / "y", resume_path=run_dir / "last.pt")
 
 
 def test_save_checkpoint_is_atomic(tmp_path):

@@ -1,38 +1,57 @@
-"""Checkpoints: one dict of tensors and builtins, written atomically, read with weights_only.
+"""Checkpoints: written atomically, read without running code, and one way back to a model.
 
-Layout (``format: "snca-checkpoint"``, ``version: 1``)::
+A checkpoint is one dict (``format: "snca-checkpoint"``, ``version: 2``)::
 
-    config      resolved training config (plain dict; see snca.config.config_to_dict)
+    config      the run's config as the user chose it (nested dict, snca.config.config_to_dict)
+    facts       what follows from the data: in_chans, image_size, num_classes, class_names,
+                class_split (base / val / novel class ids and names, or None), num_train
     model       EmbeddingNet state_dict
-    memory      MemoryBank state_dict, or None (softmax baseline)
-    classifier  softmax head state_dict, or None (NCA)
-    optimizer, scheduler, scaler   optimizer / LR schedule / fp16 GradScaler state
-    epoch       number of completed epochs
-    mid_epoch   False, or the number of optimizer steps done in an interrupted epoch
-    rng         python, numpy, torch (and cuda) global RNG states, and the train loader's generator
-    metrics     list of per-epoch metric dicts so far
+    memory      MemoryBank state_dict, or None (softmax)     classifier  the softmax head, or None
+    optimizer, scheduler, scaler, epoch, mid_epoch, rng, metrics, best_val, num_train
 
-Only builtins and tensors are stored, so :func:`load_checkpoint` can (and does) use
-``torch.load(weights_only=True)``: loading a checkpoint never runs code from the file.
+Two layouts, chosen by the number of ranks that wrote it:
+
+- one process: a single file that ``torch.load(path, weights_only=True)`` reads;
+- W ranks: a directory ``<name>.pt/`` written through :mod:`torch.distributed.checkpoint`:
+  each rank writes its own rows of the memory (a ShardedTensor), rank 0 writes ``state.pt``
+  with everything else (and every rank's RNG state). Loading at any other world size reshards:
+  each rank reads only the rows it will own, no rank gathers the whole bank. A single process
+  (``snca eval`` on such a run) reads the whole memory.
+
+Both are written to a temporary name and renamed into place, so a crash never leaves a
+half-written checkpoint under the final name.
+
+**The directory rule**: a run directory stands for its ``last.pt``, the model at the end of the
+last completed epoch, whose numbers ``final.json`` reports. (``best.pt``, the epoch with the best
+per-epoch monitor, is kept beside it; name it explicitly to use it.)
 """
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import tempfile
+import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
+from . import distributed as sd
+from .config import Config, config_from_dict
 from .errors import SncaError
+from .memory import MemoryBank, shard_range
+from .models import build_model
 
 FORMAT = "snca-checkpoint"
-VERSION = 1
+VERSION = 2
+STATE_FILE = "state.pt"  # inside a sharded checkpoint directory
 # torch.save's pre-1.6 (non-zip) format starts with this pickle of its magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
@@ -45,9 +64,9 @@ def _is_torch_file(path: Path) -> bool:
         return fh.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
 
 
+# ---------------------------------------------------------------------- writing
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically: a temp file in the same directory, then
-    ``os.replace``, so a crash or Ctrl-C never leaves a half-written checkpoint behind."""
+    """Write ``state`` to the single file ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "version": VERSION, **state}
@@ -57,55 +76,106 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _put(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def link_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Make ``dst`` hold the same bytes as ``src`` (hard link, else copy), atomically.
+def save_run_checkpoint(path: str | os.PathLike, state: dict[str, Any], memory: MemoryBank | None) -> Path:
+    """Write a training checkpoint: a single file in one process; with several ranks (every
+    rank calls it) a sharded directory, each rank writing its own memory rows."""
+    path = Path(path)
+    if sd.world_size() == 1:
+        return save_checkpoint(path, state)
+    rngs = [None] * sd.world_size()
+    dist.all_gather_object(rngs, state["rng"])
+    tmp = Path(sd.broadcast_object(str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))))
+    if sd.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    sd.barrier()
+    if memory is not None:
+        dcp.save({"memory.slots": sd.sharded_slots(memory)}, checkpoint_id=str(tmp))
+    if sd.is_main():
+        rest = dict(state, rng=rngs, world_size=sd.world_size())
+        if memory is not None:
+            rest["memory"] = {k: v for k, v in state["memory"].items() if k != "slots"}
+        save_checkpoint(tmp / STATE_FILE, rest)
+        _put(tmp, path)
+    sd.barrier()
+    return path
 
-    ``last.pt`` is always replaced by a new file, so a hard link keeps ``best.pt`` intact
-    without writing a large checkpoint twice.
-    """
+
+def _put(new: Path, path: Path) -> None:
+    """Rename ``new`` (a file or a sharded directory) to ``path``, replacing what is there
+    (either layout: a run resumed on another number of ranks changes it); a previous directory
+    is removed only after the rename."""
+    if not path.is_dir() and not new.is_dir():
+        os.replace(new, path)  # atomic
+        return
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.is_dir():
+        path.rename(old)
+    elif path.exists():
+        path.unlink()
+    new.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def link_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst`` hold the same bytes as ``src`` (hard links, else copies), atomically.
+
+    ``last.pt`` is always replaced by a new file, so hard links keep ``best.pt`` intact without
+    writing a large checkpoint twice."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copyfile(a, b)
+
+    if src.is_dir():
+        shutil.copytree(src, tmp, copy_function=link)
+    else:
+        link(str(src), str(tmp))
+    _put(tmp, dst)
+
+
+# ---------------------------------------------------------------------- reading
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint (file or sharded directory) from itself or its run directory (the directory
+    rule: the run's ``last.pt``)."""
+    p = Path(path)
+    if p.is_dir() and not (p / STATE_FILE).is_file():
+        if (p / "last.pt").exists():
+            return p / "last.pt"
+        raise SncaError(f"run directory {p} holds no last.pt; pass a checkpoint file or the directory of a training run")
+    if not p.exists():
+        raise SncaError(f"checkpoint {p} does not exist; pass a .pt file or the directory of a training run")
+    return p
+
+
+def _read_file(path: Path) -> dict[str, Any]:
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
-
-    Raises a one-line SncaError when the file is missing, unreadable, corrupt, or not an
-    snca checkpoint.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
-        raise SncaError(f"checkpoint {path} does not exist; pass the .pt file or run directory of a training run")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated / foreign files
-        # The weights_only unpickler reports any byte soup (a text file, a cut-off pickle) as
-        # "Weights only load failed", and a text starting with "c" even as an "Unsupported
-        # global": only a well-formed torch file can really hold objects it refuses to load.
+        # The weights_only unpickler reports any byte soup as "Weights only load failed", and a
+        # text starting with "c" even as an "Unsupported global": only a well-formed torch file
+        # can really hold objects it refuses to load.
         if not _is_torch_file(path):
-            raise SncaError(
-                f"checkpoint {path} is not a readable checkpoint (corrupt, truncated, or not a torch file); "
-                "use another checkpoint, e.g. best.pt or last.pt of the run"
-            ) from None
+            raise SncaError(f"checkpoint {path} is not a readable checkpoint (corrupt, truncated, or not a torch file); "
+                            "use another checkpoint, e.g. best.pt or last.pt of the run") from None
         if "Unsupported global" in str(err):
             raise SncaError(f"checkpoint {path} holds objects that cannot be loaded safely (weights_only); it was not written by snca") from None
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise SncaError(f"checkpoint {path} is corrupt ({type(err).__name__}: {first}); use another checkpoint, e.g. best.pt or last.pt of the run") from None
+        raise SncaError(f"checkpoint {path} is corrupt ({type(err).__name__}: {first}); use another checkpoint, "
+                        "e.g. best.pt or last.pt of the run") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise SncaError(f"{path} is not an snca checkpoint (no 'format: {FORMAT}' entry)")
     if int(state.get("version", 0)) > VERSION:
@@ -116,53 +186,52 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-# ---------------------------------------------------------------------- RNG state
-def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Every RNG the training loop draws from, as tensors and builtins."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "loader": loader_generator.get_state() if loader_generator is not None else None,
-    }
-    return state
-
-
-def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:
-    """Restore what :func:`rng_state` captured."""
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["numpy"]
-    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if loader_generator is not None and state.get("loader") is not None:
-        loader_generator.set_state(state["loader"])
-
-
-# ---------------------------------------------------------------------- trained models
-def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Model (eval mode), config dict and memory bank (None for softmax runs) of a checkpoint.
-
-    >>> model, config, bank = load_trained("runs/fashion-mnist-small_cnn-nca/best.pt")
-    """
-    from .models import build_model
-
-    state = load_checkpoint(path)
-    config = dict(state["config"])
+def _read_sharded_slots(path: Path, memory: dict[str, Any], rank: int, world: int) -> torch.Tensor:
+    """Rows ``shard_range`` of the saved memory for shard ``rank`` of ``world`` (all rows when
+    world is 1), read from the distributed checkpoint without loading anyone else's rows."""
+    extra = memory["_extra_state"]
+    n, dim = int(memory["labels"].numel()), int(extra["dim"])
+    dtype = getattr(torch, str(extra.get("dtype", "float32")).replace("torch.", ""))
+    start, end = shard_range(n, rank, world)
+    local = torch.empty(end - start, dim, dtype=dtype)
+    if world == 1:
+        target: Any = local
+    else:
+        meta = ShardMetadata(shard_offsets=[start, 0], shard_sizes=[end - start, dim], placement=f"rank:{rank}/cpu")
+        target = init_from_local_shards([Shard(local, meta)], [n, dim])
     try:
-        model = build_model(config["arch"], low_dim=int(config["low_dim"]), in_chans=int(config["in_chans"]), weights=None)
-    except KeyError as err:
-        raise SncaError(f"checkpoint {path} has an incomplete config (missing {err}); it was not written by snca train") from None
-    load_model_state(model, state["model"], path)
-    model.to(device).eval()
-    bank = None
-    if state.get("memory") is not None:
-        bank = bank_from_state(state["memory"], path, device)
-    return model, config, bank
+        with warnings.catch_warnings():  # DCP warns that it reads in one process: that is the intent at world size 1
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"memory.slots": target}, checkpoint_id=str(path), no_dist=world == 1)
+    except Exception as err:  # noqa: BLE001 - DCP wraps reader errors of any kind
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise SncaError(f"checkpoint {path}: cannot read the memory shards ({first}); the checkpoint is incomplete") from None
+    return local
+
+
+def load_checkpoint(path: str | os.PathLike, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Read a checkpoint (either layout) for shard ``(rank, world_size)`` of a run: its ``memory``
+    holds that shard's state (the whole bank for ``(0, 1)``) and ``rng`` that rank's RNG state
+    (None when it was written by another number of ranks). One-line SncaError when the file is
+    missing, unreadable, corrupt, or not an snca checkpoint."""
+    path = resolve_checkpoint(path)
+    rank, world = shard
+    if path.is_dir():
+        state = _read_file(path / STATE_FILE)
+        rngs = state.get("rng") or []
+        state["rng"] = rngs[rank] if int(state.get("world_size", 0)) == world and rank < len(rngs) else None
+        if state.get("memory") is not None:
+            memory = dict(state["memory"])
+            memory["slots"] = _read_sharded_slots(path, memory, rank, world)
+            memory["_extra_state"] = dict(memory["_extra_state"], shard=[rank, world])
+            state["memory"] = memory
+        return state
+    state = _read_file(path)
+    if world > 1:
+        state["rng"] = state.get("rng") if rank == 0 and int(state.get("world_size", 1)) == world else None
+        if state.get("memory") is not None:
+            state["memory"] = sd.shard_bank_state(state["memory"], rank, world)
+    return state
 
 
 def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: Any = "checkpoint") -> None:
@@ -175,17 +244,14 @@ def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: Any 
         raise SncaError(f"{path} does not match this model ({detail[:200]}); use the arch/low_dim the checkpoint was trained with") from None
 
 
-def bank_from_state(memory_state: dict[str, Any], path: Any = "checkpoint", device: str | torch.device = "cpu"):
-    """A MemoryBank rebuilt from its saved state (labels, slots, momentum)."""
-    from .memory import MemoryBank
-
+def bank_from_state(memory_state: dict[str, Any], path: Any = "checkpoint", device: str | torch.device = "cpu") -> MemoryBank:
+    """A MemoryBank rebuilt from its saved (whole) state."""
     try:
-        extra = memory_state["_extra_state"]
-        labels = memory_state["labels"]
-        slots = memory_state["slots"]
+        extra, labels, slots = memory_state["_extra_state"], memory_state["labels"], memory_state["slots"]
     except KeyError as err:
         raise SncaError(f"{path}: the memory entry lacks {err}; the checkpoint is incomplete") from None
-    bank = MemoryBank(labels, dim=int(extra["dim"]), momentum=float(extra["momentum"]), dtype=slots.dtype, num_classes=int(extra["num_classes"]))
+    bank = MemoryBank(labels, dim=int(extra["dim"]), momentum=float(extra["momentum"]), dtype=slots.dtype,
+                      num_classes=int(extra["num_classes"]))
     bank.load_state_dict(memory_state)
     return bank.to(device)
 
@@ -195,25 +261,61 @@ def check_dataset(bank_labels: torch.Tensor, targets: torch.Tensor, what: str = 
     targets = torch.as_tensor(targets).long().cpu()
     labels = bank_labels.long().cpu()
     if labels.numel() != targets.numel():
-        raise SncaError(
-            f"{what} was trained on {labels.numel()} images, this dataset has {targets.numel()}; "
-            "use the dataset (and --data-dir / subset) the checkpoint was trained on"
-        )
+        raise SncaError(f"{what} was trained on {labels.numel()} images, this dataset has {targets.numel()}; "
+                        "use the dataset (and --data-dir / subset) the checkpoint was trained on")
     if not torch.equal(labels, targets):
-        raise SncaError(
-            f"{what} was trained on a dataset with other labels (same size, {int((labels != targets).sum())} labels differ); "
-            "use the dataset the checkpoint was trained on"
-        )
+        raise SncaError(f"{what} was trained on a dataset with other labels (same size, {int((labels != targets).sum())} "
+                        "labels differ); use the dataset the checkpoint was trained on")
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run directory's best.pt (else last.pt)."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise SncaError(f"run directory {p} holds no best.pt or last.pt")
-    if not p.is_file():
-        raise SncaError(f"checkpoint {p} does not exist; pass a .pt file or a run directory")
-    return p
+# ---------------------------------------------------------------------- trained runs
+@dataclass
+class TrainedRun:
+    """A trained model and what belongs with it (see :func:`load_run`)."""
+
+    path: Path
+    model: torch.nn.Module
+    config: Config
+    memory: MemoryBank | None
+    class_names: list[str] | None  # None: not recorded (then the dataset's names apply)
+    facts: dict[str, Any]
+    state: dict[str, Any]
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.facts["in_chans"])
+
+
+def _facts_of_version_1(config: dict[str, Any]) -> dict[str, Any]:
+    """Version-1 checkpoints kept the derived values inside a flat config."""
+    ids, names = config.get("class_split_ids"), config.get("class_split")
+    split = None
+    if ids:
+        split = {s: [int(i) for i in ids.get(s, [])] for s in ("base", "val", "novel")}
+        split["names"] = {s: list((names or {}).get(s, [])) for s in ("base", "val", "novel")}
+    return {"in_chans": config.get("in_chans"), "image_size": config.get("image_size"), "class_names": None,
+            "class_split": split}
+
+
+def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedRun:
+    """Model (eval mode), typed config, memory (None for softmax runs), class names and facts of
+    a checkpoint or run directory.
+
+    >>> run = load_run("runs/fashion-mnist-small_cnn-nca")
+    """
+    path = resolve_checkpoint(path)
+    state = load_checkpoint(path)
+    raw = dict(state["config"])
+    facts = dict(state.get("facts") or _facts_of_version_1(raw))
+    try:
+        config = config_from_dict(raw)
+    except SncaError as err:
+        raise SncaError(f"checkpoint {path} has a config this snca cannot read ({err})") from None
+    if facts.get("in_chans") is None:
+        raise SncaError(f"checkpoint {path} does not record its input channels; it was not written by snca train")
+    model = build_model(config.model.arch, low_dim=config.model.low_dim, in_chans=int(facts["in_chans"]), weights=None)
+    load_model_state(model, state["model"], path)
+    model.to(device).eval()
+    memory = bank_from_state(state["memory"], path, device) if state.get("memory") is not None else None
+    names = facts.get("class_names")
+    return TrainedRun(path, model, config, memory, list(names) if names else None, facts, state)

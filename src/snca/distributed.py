@@ -1,4 +1,4 @@
-"""Multi-process training with the memory bank split across ranks (DESIGN.md section 3).
+"""Multi-process training with the memory bank split across ranks (docs/design.md#sharding).
 
 Every rank holds the contiguous range of class-sorted slots ``shard_range(N, rank, world)``
 (about N / W slots), never the whole bank and never a B x N tensor. One training step:
@@ -32,13 +32,16 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, init_from_local_shards
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import SncaError
 from .knn import KNNResult, knn_search, vote
@@ -59,6 +62,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "cleanup",
+    "data_parallel",
     "gather_bank_state",
     "init_from_env",
     "is_distributed",
@@ -67,10 +71,12 @@ __all__ = [
     "load_bank_state",
     "local_range",
     "nca_loss_sharded",
+    "no_sync",
     "rank",
     "reduce_stats",
     "shard_bank_state",
     "sharded_bank",
+    "sharded_slots",
     "update_sharded",
     "world_size",
 ]
@@ -249,6 +255,24 @@ def broadcast_object(obj: object, src: int = 0, group: dist.ProcessGroup | None 
     with _guard("broadcast_object", group):
         dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+# ---------------------------------------------------------------------------- data parallel
+def data_parallel(module: torch.nn.Module, device: torch.device, group: dist.ProcessGroup | None = None) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel when several ranks train, else ``module``
+    itself: the single-process path is the W = 1 case of the same code."""
+    if world_size(group) == 1:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, process_group=group)
+
+
+def no_sync(module: torch.nn.Module, sync: bool) -> AbstractContextManager:
+    """DDP's ``no_sync`` (skip the gradient all-reduce of this backward) unless ``sync``; a
+    no-op for a plain module. Gradient accumulation syncs on its last micro-batch only."""
+    if sync or not hasattr(module, "no_sync"):
+        return nullcontext()
+    return module.no_sync()
 
 
 # ---------------------------------------------------------------------------- collectives
@@ -681,6 +705,18 @@ def _full_extra_state(bank: MemoryBank) -> dict:
     extra = dict(bank.get_extra_state())
     extra["shard"] = [0, 1]
     return extra
+
+
+def sharded_slots(bank: MemoryBank, group: dist.ProcessGroup | None = None) -> ShardedTensor:
+    """This rank's slots as a ShardedTensor over all ranks (rows ``shard_range`` of the
+    class-sorted bank): what torch.distributed.checkpoint saves, each rank writing its own rows,
+    and reshards on load to any other world size. No rank holds more than its shard."""
+    _check_bank_group(bank, group)
+    n, world, me = bank.num_samples, world_size(group), rank(group)
+    start, end = shard_range(n, me, world)
+    placement = f"rank:{me}/{bank.slots.device}"
+    meta = ShardMetadata(shard_offsets=[start, 0], shard_sizes=[end - start, bank.dim], placement=placement)
+    return init_from_local_shards([Shard(bank.slots, meta)], [n, bank.dim], process_group=group)
 
 
 def gather_bank_state(bank: MemoryBank, group: dist.ProcessGroup | None = None) -> dict | None:

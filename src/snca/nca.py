@@ -1,4 +1,4 @@
-"""Exact NCA loss against a memory bank, streamed in chunks (DESIGN.md section 2).
+"""Exact NCA loss against a memory bank, streamed in chunks (docs/design.md#loss).
 
 For a query v_i with logits l_ik = v_i . m_k / T over every slot k except its own:
 

@@ -1,21 +1,43 @@
 """Import the reference implementation's released checkpoints without running pickled code.
 
-The reference (Wu, Efros, Yu; PyTorch, 2018) saved ``torch.save(dict)`` files holding
+The reference (Wu, Efros, Yu; PyTorch, 2018) saved ``torch.save(dict)`` files in two layouts:
 
-- ``state_dict``: a ``DataParallel`` torchvision ResNet whose final ``fc`` maps to the 128-d
-  embedding (keys ``module.conv1.weight`` ... ``module.fc.weight`` of shape (128, 512|2048));
-- ``lemniscate``: the memory, pickled as a *module object* (``LinearAverage``) whose buffers
-  are ``memory`` (N x 128, dataset-index order) and ``params`` ([temperature, momentum]);
-- ``epoch``, ``arch``, ``best_prec1``, ``optimizer``.
+- ImageNet (``main.py``): ``state_dict``, a ``DataParallel`` torchvision ResNet whose final ``fc``
+  maps to the 128-d embedding (keys ``module.conv1.weight`` ... ``module.fc.weight`` of shape
+  (128, 512|2048)), plus ``epoch`` (completed epochs), ``arch``, ``best_prec1``, ``optimizer``;
+- CIFAR (``cifar.py``): ``net``, the state_dict of its CIFAR ResNet18 (kuangliu-style: 3x3 stem
+  ``conv1``/``bn1``, ``layer1..4`` whose blocks name the projection ``shortcut.0`` (conv) /
+  ``shortcut.1`` (bn), and ``linear`` as the 128-d head; ``module.``-prefixed when trained on
+  GPUs), plus ``acc`` and ``epoch`` (the 0-based index of the last finished epoch). It maps
+  onto snca's ``cifar_resnet18``: ``shortcut`` -> ``downsample``, ``linear`` -> ``head``.
 
-``torch.load`` would import and instantiate the pickled module class (arbitrary code), and
-``weights_only=True`` refuses the file outright. :func:`safe_load` instead reads the file with a
-:class:`RestrictedUnpickler` whose ``find_class`` resolves only tensor-rebuild functions,
-storage and dtype names and a few plain containers. Any other class name becomes an inert
-placeholder: instances created from it (pickle's NEWOBJ, the way module objects are stored)
-just record their state, which is how the memory buffer is recovered. *Calling* such a name
-(pickle's REDUCE, e.g. ``os.system('...')``) refuses the whole file with a SncaError before
-anything is called: no module of the file is ever imported.
+The layout is told from the keys (``linear.weight`` vs ``fc.weight``). Both hold ``lemniscate``:
+the memory, pickled as a *module object* (``LinearAverage``) whose buffers are ``memory`` (N x
+128, dataset-index order) and ``params`` ([temperature, momentum]).
+
+Plain ``torch.load`` would import and instantiate the pickled module class (arbitrary code).
+``torch.load(weights_only=True)`` with stand-in classes allow-listed through
+``torch.serialization.safe_globals`` cannot replace the loader below (checked with torch 2.14):
+it does read a *zip* file whose module object is pickled as ``GLOBAL <module>.LinearAverage`` +
+NEWOBJ + BUILD once a stub is registered under that exact dotted name (NEWOBJ calls only
+``stub.__new__``, BUILD the stub's ``__setstate__``), but (1) the 2018 release is in the
+*legacy* format, where ``torch.save`` writes every ``nn.Module`` class as a persistent id
+``('module', cls, source_file, source)``, and the weights_only unpickler refuses every
+persistent id whose tag is not ``'storage'`` ("Only persistent_load of storage is allowed")
+before any allow-list is consulted, so no stub can make the memory loadable; (2) allow-listing
+is by exact ``module.name``, and the module the reference's classes were pickled from is not
+known in advance, while the tool that lists a file's globals
+(``get_unsafe_globals_in_checkpoint``) accepts zip files only; (3) that unpickler implements
+only part of protocol 2 (no BINSTRING, the opcode of Python 2 ``str`` longer than 255 bytes).
+So :func:`safe_load` reads both formats with its own :class:`RestrictedUnpickler`, whose
+``find_class`` resolves only tensor-rebuild functions, storage and dtype names and a few plain
+containers. Any other class name becomes an inert placeholder: instances created from it
+(pickle's NEWOBJ, the way module objects are stored) just record their state, which is how the
+memory buffer is recovered. *Calling* such a name (pickle's REDUCE, e.g. ``os.system('...')``)
+refuses the whole file with a SncaError before anything is called: no module of the file is
+ever imported. The one call that modules pickled by torch < 1.x always hold, their ``_backend``
+(``torch.nn.backends.thnn._get_thnn_function_backend()``), is answered with None without
+calling anything.
 
 Both container formats are read: the zip archive of torch >= 1.6 and the older "legacy"
 stream (magic number, pickles, then raw storage bytes), which the 2018 release used.
@@ -28,6 +50,7 @@ import io
 import os
 import pickle
 import struct
+import tarfile
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,7 +60,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import SncaError
+from ..checkpoint import load_model_state, save_checkpoint
+from ..config import Config, config_to_dict
+from ..data import build_dataset
+from ..errors import SncaError
+from ..memory import MemoryBank
+from ..models import build_model
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -157,6 +185,11 @@ def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     )
 
 
+def _thnn_backend() -> None:
+    """``nn.Module._backend`` of torch < 1.x pickled as this call; its value is never used."""
+    return None
+
+
 def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     import numpy as np  # noqa: PLC0415
 
@@ -178,6 +211,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.nn.backends.thnn", "_get_thnn_function_backend"): _thnn_backend,
     ("collections", "OrderedDict"): OrderedDict,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("builtins", "object"): object,
@@ -334,8 +368,6 @@ def safe_load(path: str | os.PathLike) -> Any:
 
 
 def tarfile_like(path: Path) -> bool:
-    import tarfile  # noqa: PLC0415
-
     try:
         return tarfile.is_tarfile(path)
     except OSError:
@@ -343,13 +375,20 @@ def tarfile_like(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- the release
+IMAGENET, CIFAR = "imagenet", "cifar"
+_HEAD = {IMAGENET: "fc", CIFAR: "linear"}
+_ARCHS = {IMAGENET: ("resnet18", "resnet34", "resnet50"), CIFAR: ("cifar_resnet18",)}
+
+
 @dataclass
 class ReferenceRelease:
     """What a reference checkpoint holds, as plain tensors.
 
-    state_dict: network weights with any ``module.`` prefix removed (``fc.*`` = the embedding).
-    memory: (N, D) memory in dataset-index order, or None. temperature / momentum: from the
-    memory's ``params`` buffer when present.
+    state_dict: network weights in the reference's own names, any ``module.`` prefix removed
+    (``fc.*`` / ``linear.*`` = the embedding). layout: ``"imagenet"`` (torchvision ResNet,
+    ``main.py``) or ``"cifar"`` (CIFAR ResNet18, ``cifar.py``). memory: (N, D) memory in
+    dataset-index order, or None. epoch: as saved (ImageNet: completed epochs; CIFAR: the index
+    of the last finished epoch). temperature / momentum: from the memory's ``params`` buffer.
     """
 
     state_dict: dict[str, Tensor]
@@ -359,18 +398,33 @@ class ReferenceRelease:
     temperature: float | None = None
     momentum: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    layout: str = IMAGENET
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.state_dict[f"{_HEAD[self.layout]}.weight"]
 
     @property
     def low_dim(self) -> int:
-        return int(self.state_dict["fc.weight"].shape[0])
+        return int(self.head_weight.shape[0])
 
     @property
     def feat_dim(self) -> int:
-        return int(self.state_dict["fc.weight"].shape[1])
+        return int(self.head_weight.shape[1])
 
     @property
     def in_chans(self) -> int:
         return int(self.state_dict["conv1.weight"].shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return 32 if self.layout == CIFAR else 224
+
+    @property
+    def completed_epochs(self) -> int:
+        if self.epoch is None:
+            return 0
+        return self.epoch + 1 if self.layout == CIFAR else self.epoch
 
 
 def _strip_module(sd: dict[str, Any]) -> dict[str, Tensor]:
@@ -382,6 +436,27 @@ def _strip_module(sd: dict[str, Any]) -> dict[str, Tensor]:
     return out
 
 
+def detect_layout(sd: dict[str, Tensor]) -> str | None:
+    """``"imagenet"`` (``fc`` head), ``"cifar"`` (``linear`` head), or None (neither)."""
+    if "conv1.weight" not in sd:
+        return None
+    if "fc.weight" in sd:
+        return IMAGENET
+    if "linear.weight" in sd:
+        return CIFAR
+    return None
+
+
+def snca_key(key: str, layout: str) -> str:
+    """The name in snca's EmbeddingNet of a reference weight (see the module docstring)."""
+    head = _HEAD[layout] + "."
+    if key.startswith(head):
+        return "head." + key[len(head) :]
+    if layout == CIFAR:
+        key = key.replace(".shortcut.", ".downsample.")
+    return "backbone." + key
+
+
 def load_reference(path: str | os.PathLike) -> ReferenceRelease:
     """Read a reference release checkpoint (see the module docstring) safely."""
     obj = safe_load(path)
@@ -391,11 +466,14 @@ def load_reference(path: str | os.PathLike) -> ReferenceRelease:
     if weights is None:
         raise SncaError(f"{path} has no 'state_dict' entry; is it a reference release checkpoint?")
     sd = _strip_module(weights)
-    if "fc.weight" not in sd or "conv1.weight" not in sd:
+    layout = detect_layout(sd)
+    if layout is None:
         raise SncaError(
-            f"{path}: the weights are not a torchvision-style ResNet with an fc embedding layer "
-            "(no conv1.weight / fc.weight); only the reference's ImageNet ResNets are supported"
+            f"{path}: the weights are neither a torchvision-style ResNet with an fc embedding layer "
+            "nor the reference's CIFAR ResNet18 with a linear one (no conv1.weight / fc.weight / "
+            "linear.weight); only the reference's ImageNet ResNets and CIFAR ResNet18 are supported"
         )
+    low_dim = int(sd[f"{_HEAD[layout]}.weight"].shape[0])
     memory = temperature = momentum = None
     lem = obj.get("lemniscate")
     buffers: dict[str, Tensor] = {}
@@ -405,8 +483,8 @@ def load_reference(path: str | os.PathLike) -> ReferenceRelease:
         buffers = {str(k): v for k, v in lem.items() if isinstance(v, Tensor)}
     if "memory" in buffers:
         memory = buffers["memory"].float().contiguous()
-        if memory.ndim != 2 or memory.shape[1] != sd["fc.weight"].shape[0]:
-            raise SncaError(f"{path}: memory of shape {tuple(memory.shape)} does not match the {sd['fc.weight'].shape[0]}-d embedding")
+        if memory.ndim != 2 or memory.shape[1] != low_dim:
+            raise SncaError(f"{path}: memory of shape {tuple(memory.shape)} does not match the {low_dim}-d embedding")
     params = buffers.get("params")
     if params is not None and params.numel() >= 2:
         temperature, momentum = float(params[0]), float(params[1])
@@ -415,27 +493,25 @@ def load_reference(path: str | os.PathLike) -> ReferenceRelease:
     arch = obj.get("arch")
     return ReferenceRelease(
         sd, memory, str(arch) if isinstance(arch, str) else None,
-        int(epoch) if isinstance(epoch, int) else None, temperature, momentum, extra,
+        int(epoch) if isinstance(epoch, int) else None, temperature, momentum, extra, layout,
     )
 
 
 def reference_model(release: ReferenceRelease, arch: str | None = None) -> torch.nn.Module:
-    """snca's EmbeddingNet holding the reference weights (backbone <- ResNet, head <- fc)."""
-    from .checkpoint import load_model_state  # noqa: PLC0415
-    from .models import build_model  # noqa: PLC0415
-
-    arch = arch or release.arch
+    """snca's EmbeddingNet holding the reference weights (backbone <- ResNet, head <- fc/linear)."""
+    choices = _ARCHS[release.layout]
+    arch = arch or release.arch or (choices[0] if release.layout == CIFAR else None)
     if not arch:
         raise SncaError("the checkpoint does not name its architecture; pass --arch (resnet18, resnet34 or resnet50)")
-    if arch not in ("resnet18", "resnet34", "resnet50"):
+    if arch not in choices:
+        if release.layout == CIFAR:
+            raise SncaError(f"this is the reference's CIFAR ResNet18 (a 'linear' head); it imports as cifar_resnet18, not {arch!r}")
         raise SncaError(f"reference checkpoints are torchvision ResNets; arch {arch!r} is not supported (use resnet18/34/50)")
     if release.arch and release.arch != arch:
         raise SncaError(f"the checkpoint says arch={release.arch!r} but --arch {arch} was given")
     model = build_model(arch, low_dim=release.low_dim, in_chans=release.in_chans)
     own = model.state_dict()
-    mapped: dict[str, Tensor] = {}
-    for k, v in release.state_dict.items():
-        mapped[("head." + k[3:]) if k.startswith("fc.") else ("backbone." + k)] = v
+    mapped = {snca_key(k, release.layout): v for k, v in release.state_dict.items()}
     # BatchNorm of torch 0.4.0 had no num_batches_tracked counter; it only matters for training.
     for k, v in own.items():
         if k.endswith("num_batches_tracked") and k not in mapped:
@@ -444,11 +520,9 @@ def reference_model(release: ReferenceRelease, arch: str | None = None) -> torch
     return model.eval()
 
 
-def reference_memory_bank(release: ReferenceRelease, labels: Tensor) -> Any:
+def reference_memory_bank(release: ReferenceRelease, labels: Tensor) -> MemoryBank:
     """The reference memory as an snca MemoryBank (needs the training labels, in dataset order,
     which the reference never saved: take them from the training set it was trained on)."""
-    from .memory import MemoryBank  # noqa: PLC0415
-
     if release.memory is None:
         raise SncaError("this reference checkpoint holds no memory ('lemniscate')")
     labels = torch.as_tensor(labels).long().flatten()
@@ -466,53 +540,58 @@ def import_reference(
     path: str | os.PathLike,
     out: str | os.PathLike,
     arch: str | None = None,
-    dataset: str = "imagenet",
+    dataset: str | None = None,
     data_dir: str | None = None,
     labels: Tensor | None = None,
 ) -> Path:
     """Convert a reference release into an snca checkpoint at ``out``.
 
-    The memory is kept when the training labels are known (``labels``, or the ``dataset`` /
-    ``data_dir`` train split when its size matches); otherwise the checkpoint has no memory and
-    galleries are built by extracting features (``snca index build``).
+    ``dataset`` defaults to "cifar10" for the CIFAR layout, "imagenet" otherwise. The memory is
+    kept when the training labels are known (``labels``, or the ``dataset`` / ``data_dir`` train
+    split when its size matches); otherwise the checkpoint has no memory and galleries are built
+    by extracting features (``snca index build``).
     """
-    import dataclasses  # noqa: PLC0415
-
-    from .checkpoint import save_checkpoint  # noqa: PLC0415
-    from .config import TrainConfig, config_to_dict  # noqa: PLC0415
-
     release = load_reference(path)
     model = reference_model(release, arch)
-    arch = arch or release.arch
+    dataset = dataset or ("cifar10" if release.layout == CIFAR else "imagenet")
     temperature = release.temperature or 0.05
+    num_classes = None
     if labels is None and release.memory is not None and data_dir is not None:
-        from .data import build_dataset  # noqa: PLC0415
-
-        labels = build_dataset(dataset, "train", data_dir=data_dir, on_bad_image="trust").targets
+        train = build_dataset(dataset, "train", data_dir=data_dir, on_bad_image="trust")
+        labels, num_classes = train.targets, int(train.num_classes)
     bank = reference_memory_bank(release, labels) if labels is not None and release.memory is not None else None
-    cfg = dataclasses.replace(
-        TrainConfig(),
-        recipe="reference-import",
-        dataset=dataset,
-        data_dir=data_dir,
-        arch=str(arch),
-        low_dim=release.low_dim,
-        in_chans=release.in_chans,
-        image_size=224,
-        temperature=float(temperature),
-        loss="nca",
-    )
+    if bank is not None:
+        num_classes = num_classes or int(bank.num_classes)
+    cfg = Config()
+    cfg.run.recipe = "reference-import"
+    cfg.data.dataset = dataset
+    cfg.data.data_dir = data_dir
+    cfg.model.arch = str(model.arch)
+    cfg.model.low_dim = release.low_dim
+    cfg.objective.loss = "nca"
+    cfg.objective.temperature = float(temperature)
+    if release.momentum is not None and 0 <= release.momentum < 1:
+        cfg.objective.memory_momentum_schedule = {0: float(release.momentum)}
+    facts = {
+        "in_chans": release.in_chans,
+        "image_size": release.image_size,
+        "num_classes": num_classes,
+        "class_names": None,
+        "class_split": None,
+        "num_train": int(bank.num_samples) if bank is not None else None,
+    }
+    source = {
+        "reference": str(Path(path).resolve()),
+        "layout": release.layout,
+        **{k: float(v) for k, v in release.extra.items()},
+    }
     state = {
         "config": config_to_dict(cfg),
+        "facts": facts,
         "model": model.state_dict(),
         "memory": bank.state_dict() if bank is not None else None,
         "classifier": None,
-        "optimizer": None,
-        "scheduler": None,
-        "epoch": int(release.epoch or 0),
-        "mid_epoch": False,
-        "rng": None,
-        "metrics": [],
-        "source": {"reference": str(Path(path).resolve()), **{k: float(v) for k, v in release.extra.items()}},
+        "epoch": release.completed_epochs,
+        "source": source,
     }
     return save_checkpoint(out, state)

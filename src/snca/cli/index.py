@@ -112,7 +112,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.from_reference:
         if args.checkpoint:
             raise SncaError("give either a checkpoint or --from-reference, not both")
-        from ..reference import import_reference
+        from ..interop.reference import import_reference
 
         ckpt = import_reference(
             args.from_reference, out / "checkpoint.pt", arch=args.arch,

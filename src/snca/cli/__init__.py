@@ -1,4 +1,8 @@
-"""The ``snca`` command line: subcommands are discovered from :mod:`snca.commands`.
+"""The ``snca`` command line: one module per subcommand in this package, discovered at start.
+
+Each module defines ``register(subparsers)`` (adds its subparser, ``set_defaults(func=run)``)
+and ``run(args) -> int``: it parses, makes one library call, prints. Adding a command is adding
+a module here.
 
 Errors meant for users (:class:`~snca.errors.SncaError`, and missing files) print one line,
 ``snca: error: <what is wrong and what to do>``, and exit with status 2, without a traceback.
@@ -14,8 +18,8 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .errors import SncaError
+from .. import __version__
+from ..errors import SncaError
 
 
 def _one_line(text: str) -> str:
@@ -24,8 +28,6 @@ def _one_line(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per discovered command module."""
-    from . import commands
-
     parser = argparse.ArgumentParser(
         prog="snca",
         description="Scalable Neighbourhood Component Analysis: train embeddings for kNN "
@@ -33,11 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"snca {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
         try:
-            module = importlib.import_module(f"{commands.__name__}.{info.name}")
+            module = importlib.import_module(f"{__name__}.{info.name}")
         except Exception as err:  # one broken command must not take the others down
             if os.environ.get("SNCA_DEBUG"):
                 raise

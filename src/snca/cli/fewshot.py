@@ -7,9 +7,8 @@ split: its novel classes are the default, and novel classes it was trained on ar
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ..errors import SncaError
+from ..evaluate import fewshot_of
 from ._protocols import add_source_args, emit, load_source
 
 
@@ -42,62 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..protocols.fewshot import (
-        fewshot_evaluate,
-        read_split_file,
-        resolve_split,
-        split_from_novel,
-    )
-
-    src = load_source(args)
-    sigma = args.sigma if args.sigma is not None else float(src.config.get("temperature", 0.05))
-    data = src.build(args.episode_split)
-    classes = list(data.fine_classes)
-    recorded = src.config.get("class_split") if src.config.get("class_split_ids") else None
-    if args.split_file:
-        split = resolve_split(read_split_file(args.split_file), classes)
-    elif args.novel_classes:
-        split = split_from_novel(args.novel_classes, classes)
-    elif recorded:
-        from ..config import config_from_dict
-        from ..engine import class_split_of
-
-        split = class_split_of(config_from_dict(src.config), classes)
-    else:
-        why = "this checkpoint records no class split (it was trained on every class)" if src.config else "there is no checkpoint split to use"
-        raise SncaError(f"pass --novel-classes or --split-file: {why}")
-    if recorded and src.model is not None:
-        seen = [name for name in split.names("novel") if name in set(recorded.get("base", []))]
-        if seen:
-            raise SncaError(
-                f"this checkpoint was trained on {', '.join(seen)} (base classes of its split), so they are not novel to it; "
-                f"its novel classes are {', '.join(recorded.get('novel', []))}: omit --novel-classes/--split-file to use them"
-            )
-    elif src.bank is not None and src.bank.num_classes >= len(classes) and src.config.get("label_set") != "coarse":
-        print(
-            f"note: this checkpoint was trained on {src.bank.num_classes} classes, all of the dataset's: "
-            "the 'novel' classes are not novel to it",
-            file=sys.stderr,
-        )
-    if args.way > len(split.novel):
-        raise SncaError(f"{args.way}-way episodes need at least {args.way} novel classes, the split has {len(split.novel)}")
-    feats = src.features(data)
-    rows = []
-    for shot in args.shot:
-        for method in args.method:
-            res = fewshot_evaluate(
-                feats, data.fine_targets, split.novel, args.way, shot, args.query, args.episodes,
-                args.seed, method, k=args.k, sigma=sigma,
-            )
-            rows.append(res.to_dict())
-    result = {"source": src.what, "dataset": src.dataset, "split": args.episode_split,
-              "novel_classes": split.names("novel"), "results": rows}
+    result = fewshot_of(load_source(args), args.novel_classes, args.split_file, args.way, args.shot, args.query,
+                        args.episodes, args.seed, args.method, args.k, args.sigma, args.episode_split)
     lines = [
-        f"few-shot: {src.what} on {src.dataset} ({args.episode_split} split), novel classes: "
-        + ", ".join(split.names("novel")),
+        f"few-shot: {result['source']} on {result['dataset']} ({result['split']} split), novel classes: "
+        + ", ".join(result["novel_classes"]),
         f"{'setting':<22} {'method':<6} {'episodes':>8} {'accuracy':>9} {'95% CI':>8}",
     ]
-    for r in rows:
+    for r in result["results"]:
         setting = f"{r['way']}-way {r['shot']}-shot ({r['query']}q)"
         lines.append(f"{setting:<22} {r['method']:<6} {r['episodes']:>8} {100 * r['accuracy']:>9.2f} {100 * r['ci95']:>8.2f}")
     emit(result, args.json, lines)

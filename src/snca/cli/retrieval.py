@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..evaluate import retrieval_of
 from ._protocols import add_source_args, emit, load_source
 
 
@@ -26,25 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..protocols.retrieval import retrieval_metrics
-
-    src = load_source(args)
-    queries = src.build(args.queries)
-    q = src.features(queries)
-    if args.gallery == "none" or args.gallery == args.queries:
-        res = retrieval_metrics(q, queries.fine_targets, ks=args.recall_k, map_at_r=not args.no_map)
-        where = f"leave-one-out within {len(queries)} {args.queries} images"
-    else:
-        gallery = src.build(args.gallery)
-        res = retrieval_metrics(q, queries.fine_targets, src.features(gallery), gallery.fine_targets,
-                                ks=args.recall_k, map_at_r=not args.no_map)
-        where = f"{len(queries)} {args.queries} queries against {len(gallery)} {args.gallery} images"
-    out = res.to_dict()
-    result = {"source": src.what, "dataset": src.dataset, "setting": where, **out}
-    lines = [f"retrieval: {src.what} on {src.dataset}, {where}"]
-    for key, value in out.items():
+    result = retrieval_of(load_source(args), args.queries, args.gallery, args.recall_k, map_at_r=not args.no_map)
+    lines = [f"retrieval: {result['source']} on {result['dataset']}, {result['setting']}"]
+    for key, value in result.items():
         if isinstance(value, float):
             lines.append(f"  {key:<14} {100 * value:6.2f}")
-    lines.append(f"  queries scored {res.num_queries}, without a same-label item {res.num_without_match}")
+    lines.append(f"  queries scored {result['num_queries_scored']}, without a same-label item {result['num_without_match']}")
     emit(result, args.json, lines)
     return 0

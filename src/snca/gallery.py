@@ -21,10 +21,12 @@ product, approximate: probes ``nprobe`` of ``nlist`` cells) and ``faiss-hnsw``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +34,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint import TrainedRun, load_run
+from .data import build_transforms, run_datasets
 from .errors import SncaError
+from .features import embed_image_files, extract
 from .knn import knn_search, vote
 
 INDEX_FORMAT = "snca-index"
@@ -171,15 +177,15 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def model_record(checkpoint: str | os.PathLike, model: torch.nn.Module, config: dict) -> dict[str, Any]:
+def model_record(run: TrainedRun) -> dict[str, Any]:
     """What an index remembers about the network that embeds its images."""
     return {
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "weights_sha256": model_fingerprint(model),
-        "arch": config.get("arch"),
-        "dataset": config.get("dataset"),
-        "in_chans": config.get("in_chans"),
-        "low_dim": config.get("low_dim"),
+        "checkpoint": str(Path(run.path).resolve()),
+        "weights_sha256": model_fingerprint(run.model),
+        "arch": run.config.model.arch,
+        "dataset": run.config.data.dataset,
+        "in_chans": run.in_chans,
+        "low_dim": run.config.model.low_dim,
     }
 
 
@@ -336,6 +342,9 @@ class GalleryIndex:
         self._id_set.update(ids)
         self._searcher.add(features)
 
+    def __contains__(self, item_id: object) -> bool:
+        return str(item_id) in self._id_set
+
     def _labels_tensor(self, labels: Tensor | Sequence[int] | Sequence[str], n: int) -> Tensor:
         if isinstance(labels, Tensor):
             labels_t = labels.detach().cpu().long().flatten()
@@ -417,8 +426,6 @@ class GalleryIndex:
         """Write the index to ``directory`` (created if needed). Each file is written to a
         temporary name and renamed, the JSON sidecar last, so a crash never leaves a
         half-written index that loads."""
-        from safetensors.torch import save_file  # noqa: PLC0415 - keep import light
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (_TENSOR_FILE + ".tmp")
@@ -457,9 +464,6 @@ class GalleryIndex:
     @classmethod
     def load(cls, directory: str | os.PathLike, backend: str | None = None) -> GalleryIndex:
         """Read an index written by :meth:`save`; ``backend`` overrides the saved one."""
-        from safetensors import SafetensorError  # noqa: PLC0415
-        from safetensors.torch import load_file  # noqa: PLC0415
-
         directory = Path(directory)
         meta_path = directory / _META_FILE
         if not meta_path.is_file():
@@ -524,37 +528,6 @@ class GalleryIndex:
         index.add(features, bank.labels.cpu(), ids if ids is not None else [f"train:{i}" for i in range(len(features))])
         return index
 
-    @classmethod
-    def from_checkpoint(
-        cls,
-        checkpoint: str | os.PathLike,
-        split: str = "train",
-        data_dir: str | None = None,
-        backend: str = "torch",
-        subset: int | None = None,
-        batch_size: int = 256,
-        device: str = "cpu",
-        backend_params: dict[str, Any] | None = None,
-    ) -> GalleryIndex:
-        """Embed a dataset split with a trained checkpoint (test-time transforms)."""
-        from .checkpoint import load_trained  # noqa: PLC0415 - heavy, optional at import
-        from .engine import extract_features  # noqa: PLC0415
-
-        checkpoint = resolve_checkpoint(checkpoint)
-        model, config, _ = load_trained(checkpoint, device=device)
-        dataset = build_eval_dataset(config, split, data_dir=data_dir, subset=subset)
-        features, labels, indices = extract_features(model, dataset, batch_size=batch_size, device=device)
-        index = cls(
-            features.shape[1],
-            list(dataset.classes),
-            backend=backend,
-            sigma=knn_sigma(config),
-            backend_params=backend_params,
-            model=model_record(checkpoint, model, config),
-        )
-        index.add(features, labels, dataset_ids(dataset, indices, config.get("dataset", "data"), split))
-        return index
-
     def check_model(self, record: dict[str, Any]) -> None:
         """Refuse a model whose weights differ from the one this index was built with."""
         if self.model is None:
@@ -568,136 +541,334 @@ class GalleryIndex:
             )
 
 
-# ----------------------------------------------------------------------------- dataset helpers
-def build_eval_dataset(
-    config: dict, split: str, data_dir: str | None = None, subset: int | None = None, training_subset: bool = True
-) -> Any:
-    """The checkpoint's dataset split with test-time transforms. For the train split the run's
-    own ``subset`` is used unless ``subset`` is given (so rows line up with its memory)."""
-    from .data import build_dataset, build_transforms  # noqa: PLC0415
-
-    name = config.get("dataset")
-    if not name:
-        raise SncaError("the checkpoint's config names no dataset; pass a gallery index instead")
-    if subset is None and training_subset and split == "train":
-        subset = config.get("subset")
-    transform = build_transforms(name, train=False, image_size=config.get("image_size"))
-    return build_dataset(
-        name,
-        split,
-        data_dir=data_dir or config.get("data_dir"),
-        transform=transform,
-        label_set=config.get("label_set", "fine"),
-        subset=subset,
-        seed=int(config.get("seed", 0) or 0),
-    )
+# ----------------------------------------------------------------------------- a run's data
+_RUN_SPLITS = {"train": "gallery", "test": "test", "val": "test"}
 
 
-def knn_sigma(config: dict) -> float:
-    """The vote temperature of a run: its ``knn_sigma``, else its training temperature."""
-    return float(config.get("knn_sigma") or config.get("temperature") or 0.05)
+def _run_split_name(split: str) -> str:
+    """The :func:`snca.data.run_datasets` split behind a user's ``train`` / ``test`` (``val``)."""
+    key = str(split).lower()
+    if key not in _RUN_SPLITS:
+        raise SncaError(f"unknown split {split!r}: use 'train' or 'test' (alias 'val')")
+    return _RUN_SPLITS[key]
+
+
+def run_split(run: TrainedRun, split: str = "train", data_dir: str | None = None, subset: int | None = None,
+              run_subset: bool = True) -> tuple[Any, RunData]:
+    """One split of a run's data under test transforms, with the run's label set and recorded
+    class split (so labels and names are the run's): ``(dataset, run_data)``.
+
+    ``split`` "train" is the training images (run_datasets' "gallery"), "test" (alias "val")
+    the test images. ``subset``: a class-stratified sample of N images; without it the train
+    split is the run's own training subset (the whole split if not ``run_subset``) and the test
+    split is whole."""
+    which = _run_split_name(split)
+    data = run.config.data
+    changes: dict[str, Any] = {"data_dir": data_dir} if data_dir is not None else {}
+    if which == "gallery":
+        changes["subset"] = subset if subset is not None else (data.subset if run_subset else None)
+    else:
+        changes["test_subset"] = subset
+    cfg = dataclasses.replace(run.config, data=dataclasses.replace(data, **changes))
+    loaded = run_datasets(cfg, (which,), run.facts)
+    return loaded[which], loaded
 
 
 def dataset_ids(dataset: Any, indices: Tensor | Sequence[int], name: str, split: str) -> list[str]:
-    """Ids for dataset items: the file path when the dataset has one, else ``name:split:i``."""
-    paths = None
-    for attr in ("paths", "files", "samples", "imgs"):
-        value = getattr(dataset, attr, None)
-        if value is not None:
-            paths = value
-            break
-    # Subsets are renumbered 0..n-1; ids name the image's index in the full split instead.
-    source = getattr(dataset, "source_indices", None)
-    out = []
-    for i in torch.as_tensor(list(indices) if not isinstance(indices, Tensor) else indices).tolist():
-        if paths is not None:
-            p = paths[i]
-            out.append(str(p[0] if isinstance(p, (tuple, list)) else p))
-        else:
-            out.append(f"{name}:{split}:{int(source[i]) if source is not None else i}")
-    return out
+    """Ids for dataset items: the file path when the dataset has one, else ``name:split:i`` with
+    i the image's index in the full split. Subsets, class subsets (base classes) and coarse
+    relabelling are seen through, so an image has the same id in every run of its dataset."""
+    rows = torch.as_tensor(list(indices) if not isinstance(indices, Tensor) else indices).long().cpu()
+    base = dataset
+    # Wrappers (ClassSubset, CoarseLabels, torch Subset) hold the dataset they restrict; their
+    # source_indices / indices address rows of that dataset, not of the full split.
+    while isinstance(getattr(base, "__dict__", {}).get("dataset"), torch.utils.data.Dataset):
+        inner = base.__dict__
+        mapping = inner.get("source_indices", inner.get("indices"))
+        if mapping is not None:
+            rows = torch.as_tensor(mapping).long()[rows]
+        base = inner["dataset"]
+    paths = getattr(base, "paths", None)
+    if paths is not None:
+        return [str(paths[i]) for i in rows.tolist()]
+    source = getattr(base, "source_indices", None)
+    full = torch.as_tensor(source).long()[rows] if source is not None else rows
+    return [f"{name}:{split}:{int(i)}" for i in full.tolist()]
 
 
-# ----------------------------------------------------------------------------- image files
-@dataclass
-class EmbeddedImages:
-    """Features of the image files that could be read, and a message for each that could not."""
-
-    features: Tensor  # (n_ok, D)
-    paths: list[str]  # the files behind each feature row, in input order
-    failures: list[tuple[str, str]]  # (path, one-line reason)
+def run_transform(run: TrainedRun) -> Any:
+    """The test transform of a run's dataset at the run's image size (any image size in)."""
+    return build_transforms(run.config.data.dataset, train=False, image_size=run.facts.get("image_size"))
 
 
-def image_transform(config: dict) -> Any:
-    """The dataset's test transform for a checkpoint's config (resizes/crops any image size
-    and converts to the model's channel count)."""
-    from .data import build_transforms  # noqa: PLC0415
+def run_class_names(run: TrainedRun, data: RunData | None = None) -> list[str]:
+    """The names of a run's labels (its base classes, or coarse labels, when it was trained on
+    those): recorded in the checkpoint, else those of its data (``data``, or the test split
+    opened here), else numbers."""
+    if run.class_names:
+        return list(run.class_names)
+    if data is not None:
+        return list(data.class_names)
+    try:
+        return list(run_datasets(run.config, ("test",), run.facts).class_names)
+    except SncaError:
+        count = run.memory.num_classes if run.memory is not None else 0
+        return [str(c) for c in range(count)]
 
-    name = config.get("dataset")
-    if not name:
-        raise SncaError("the checkpoint's config names no dataset, so its test transform is unknown")
-    return build_transforms(name, train=False, image_size=config.get("image_size"))
 
+# ----------------------------------------------------------------------------- galleries of a run
+def run_gallery(run: TrainedRun, source: str = "memory", split: str = "train", data_dir: str | None = None,
+                subset: int | None = None, batch_size: int = 256, device: str | torch.device = "cpu",
+                **options: Any) -> GalleryIndex:
+    """A gallery from a trained run, with the run's class names (its base classes, or coarse
+    labels, when it was trained on those) and ids of the images behind each row.
 
-@torch.no_grad()
-def embed_image_files(
-    model: torch.nn.Module,
-    config: dict,
-    paths: Sequence[str | os.PathLike],
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> EmbeddedImages:
-    """Embed image files with a checkpoint's model and test transform.
-
-    Each file is decoded with :func:`snca.data.load_image` (greyscale for 1-channel models,
-    RGB otherwise); a missing, unreadable or non-image file is reported in ``failures`` and
-    the others are still embedded.
-    """
-    from .data import load_image  # noqa: PLC0415
-
-    transform = image_transform(config)
-    mode = "L" if int(config.get("in_chans") or 3) == 1 else "RGB"
-    tensors: list[Tensor] = []
-    ok: list[str] = []
-    failures: list[tuple[str, str]] = []
-    for p in paths:
-        p = str(p)
+    source "memory": the run's memory bank (the training images' slots; ids from the training
+    set when it can be opened, else slot ids; ``split`` and ``subset`` do not apply);
+    "features": the images of ``split`` ("train" or "test") embedded by the run's model under
+    test transforms (see :func:`run_split` for ``subset``). ``options``: backend,
+    backend_params, sigma (default: the run's)."""
+    options = {"sigma": run.config.sigma, "model": model_record(run), **options}
+    if source == "memory":
+        bank = run.memory
+        if bank is None:
+            raise SncaError(f"{run.path} holds no memory bank; use --source features (embed the --split images)")
+        ids, data = None, None
         try:
-            img = load_image(p, mode=mode)
-            x = transform(img)
+            train, data = run_split(run, "train", data_dir=data_dir)
+            if len(train) == bank.num_samples and torch.equal(torch.as_tensor(train.targets).long().cpu(), bank.labels.cpu()):
+                ids = dataset_ids(train, range(len(train)), run.config.data.dataset, "train")
+            else:
+                warnings.warn(f"the training set ({len(train)} images) is not the one of the memory ({bank.num_samples} "
+                              "slots); showing slot ids", stacklevel=2)
         except SncaError as err:
-            failures.append((p, str(err)))
-            continue
-        except Exception as err:  # noqa: BLE001 - a transform can fail in many ways on odd images
-            failures.append((p, f"cannot convert image {p}: {type(err).__name__}: {' '.join(str(err).split())[:160]}"))
-            continue
-        tensors.append(x)
-        ok.append(p)
-    feats = []
-    model.eval()
-    for a in range(0, len(tensors), batch_size):
-        batch = torch.stack(tensors[a : a + batch_size]).to(device)
-        feats.append(model(batch).float().cpu())
-    dim = int(getattr(model, "low_dim", 0) or 0)
-    features = torch.cat(feats) if feats else torch.zeros(0, dim)
-    return EmbeddedImages(features, ok, failures)
+            warnings.warn(f"training set unavailable ({err}); showing slot ids", stacklevel=2)
+        names = run_class_names(run, data)
+        if len(names) < bank.num_classes:
+            names = [str(c) for c in range(bank.num_classes)]
+        return GalleryIndex.from_memory_bank(bank, names, ids, **options)
+    if source != "features":
+        raise SncaError(f"unknown gallery source {source!r}; use memory or features")
+    dataset, data = run_split(run, split, data_dir=data_dir, subset=subset)
+    feats, labels, indices = extract(run.model, dataset, "embedding", batch_size=batch_size, device=device)
+    index = GalleryIndex(feats.shape[1], data.class_names, **options)
+    index.add(feats, labels, dataset_ids(dataset, indices, run.config.data.dataset, split))
+    return index
 
 
-def load_index_model(index: GalleryIndex, checkpoint: str | os.PathLike | None = None, device: str = "cpu") -> tuple[Any, dict, dict]:
-    """The model that embeds ``index``'s images: ``checkpoint`` or the one the index recorded,
-    refused unless its weights hash matches. Returns (model, config, record)."""
-    from .checkpoint import load_trained  # noqa: PLC0415
-
+def load_index_model(index: GalleryIndex, checkpoint: str | os.PathLike | None = None,
+                     device: str | torch.device = "cpu") -> TrainedRun:
+    """The run whose model embeds ``index``'s images: ``checkpoint`` or the one the index
+    recorded, refused unless its weights hash matches."""
     if checkpoint is None:
         if not index.model or not index.model.get("checkpoint"):
             raise SncaError("this index records no model; pass --checkpoint CKPT (the model that embedded its images)")
         checkpoint = index.model["checkpoint"]
         if not Path(checkpoint).exists():
             raise SncaError(f"the index's model {checkpoint} no longer exists; pass --checkpoint with its new location")
-    checkpoint = resolve_checkpoint(checkpoint)
-    model, config, _ = load_trained(checkpoint, device=device)
-    record = model_record(checkpoint, model, config)
+    run = load_run(checkpoint, device=device)
+    check_run(index, run)
+    return run
+
+
+def check_run(index: GalleryIndex, run: TrainedRun) -> None:
+    """Refuse a run whose model did not embed this index's images."""
+    record = model_record(run)
     index.check_model(record)
-    if record["low_dim"] is not None and int(record["low_dim"]) != index.dim:
+    if int(record["low_dim"]) != index.dim:
         raise SncaError(f"the model embeds into {record['low_dim']} dims but the index holds {index.dim}-d features")
-    return model, config, record
+
+
+# ----------------------------------------------------------------------------- image files
+def _is_image_file(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
+
+
+def image_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The files to classify: each path as given, a directory replaced by the image files
+    directly in it (sorted by name). Returns (paths, failures): an existing directory without
+    image files is a failure; anything else is left for the decoder to judge."""
+    out: list[str] = []
+    failures: list[tuple[str, str]] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(str(f) for f in path.iterdir() if _is_image_file(f))
+            if not found:
+                failures.append((str(p), f"{p} is a directory without image files ({', '.join(IMG_EXTENSIONS)})"))
+            out.extend(found)
+        else:
+            out.append(str(p))
+    return out, failures
+
+
+def folder_images(root: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """``ROOT/<class>/...`` -> (image paths, class name of each), classes and files sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SncaError(f"--from-folder {root} is not a directory (expected ROOT/<class>/<images>)")
+    paths, labels = [], []
+    for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith(".")):
+        for f in sorted(d.rglob("*")):
+            if _is_image_file(f):
+                paths.append(str(f))
+                labels.append(d.name)
+    if not paths:
+        raise SncaError(f"{root} has no class folders with images ({', '.join(IMG_EXTENSIONS)})")
+    return paths, labels
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise SncaError(f"--k must be >= 1, got {k}")
+
+
+def classify_files(index: GalleryIndex, run: TrainedRun, paths: Sequence[str | os.PathLike], k: int = 20,
+                   batch_size: int = 64, device: str | torch.device = "cpu") -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Embed image files (a directory: the images in it) with the run's model and query the
+    index: (answers, failures), each answer ``{"image": path, **IndexQueryResult.as_dicts()[i]}``."""
+    _check_k(k)
+    files, failures = image_paths(paths)
+    embedded = embed_image_files(run.model, run_transform(run), run.in_chans, files, batch_size=batch_size, device=device)
+    answers: list[dict[str, Any]] = []
+    if embedded.paths:
+        result = index.query(embedded.features, k=k)
+        answers = [{"image": p, **summary} for p, summary in zip(embedded.paths, result.as_dicts(), strict=True)]
+    return answers, failures + embedded.failures
+
+
+def predict_images(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], gallery: str | os.PathLike | None = None,
+                   k: int = 20, data_dir: str | None = None, batch_size: int = 64,
+                   device: str | torch.device = "cpu") -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """``snca predict``: classify image files (or directories of them) with a run, against an
+    index built with that run's model (``gallery``) or by default the run's memory bank under
+    the run's class names. Returns (answers, failures) as :func:`classify_files`."""
+    _check_k(k)
+    run = load_run(checkpoint, device=device)
+    if gallery is not None:
+        index = GalleryIndex.load(gallery)
+        check_run(index, run)
+    else:
+        if run.memory is None:
+            raise SncaError(f"{run.path} has no memory bank (a softmax run); pass --gallery INDEX_DIR built with `snca index build`")
+        index = run_gallery(run, "memory", data_dir=data_dir)
+    return classify_files(index, run, images, k=k, batch_size=batch_size, device=device)
+
+
+# ----------------------------------------------------------------------------- editing an index on disk
+@dataclass
+class IndexEdit:
+    """What an edit of an index directory did: the index as saved, how many images were added
+    or removed, the classes the edit created, and the files that could not be read."""
+
+    index: GalleryIndex
+    count: int
+    new_classes: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def build_index(out: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *,
+                from_reference: str | os.PathLike | None = None, arch: str | None = None, dataset: str | None = None,
+                source: str | None = None, split: str = "train", subset: int | None = None, data_dir: str | None = None,
+                empty: bool = False, backend: str = "torch", backend_params: dict[str, Any] | None = None,
+                batch_size: int = 256, device: str | torch.device = "cpu",
+                log: Callable[[str], None] | None = None) -> GalleryIndex:
+    """``snca index build``: write a new index to ``out`` and return it.
+
+    From a run (``checkpoint``): by default the run's ``split`` images embedded by its model
+    (``source="features"``), or its memory bank (``source="memory"``); or, with
+    ``from_reference``, a reference-implementation release converted to ``out/checkpoint.pt``
+    first (``arch``, ``dataset`` (default folder), ``data_dir``; default source memory, an
+    empty index when no training data is known). ``empty``: an index bound to the model with no
+    images yet. Names are the run's class names. ``log`` hears of the conversion."""
+    if backend not in BACKENDS:
+        raise SncaError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend != "torch":
+        require_faiss(backend)
+    out = Path(out)
+    if (out / _META_FILE).exists():
+        raise SncaError(f"{out} already holds an index; remove it or choose another --out")
+    if from_reference:
+        if checkpoint:
+            raise SncaError("give either a checkpoint or --from-reference, not both")
+        checkpoint = import_reference(from_reference, out / "checkpoint.pt", arch=arch, dataset=dataset or "folder",
+                                      data_dir=data_dir)
+        if log is not None:
+            log(f"imported {from_reference} -> {checkpoint}")
+        source = source or "memory"
+    elif not checkpoint:
+        raise SncaError("snca index build needs a checkpoint (or --from-reference FILE)")
+    run = load_run(checkpoint, device=device)
+    options = {"backend": backend, "backend_params": backend_params}
+    if empty or (from_reference and run.memory is None and data_dir is None):
+        index = GalleryIndex(int(run.config.model.low_dim), sigma=run.config.sigma, model=model_record(run), **options)
+    else:
+        index = run_gallery(run, source or "features", split=split, data_dir=data_dir, subset=subset,
+                            batch_size=batch_size, device=device, **options)
+    index.save(out)
+    return index
+
+
+def add_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLike] | None = None, label: str | None = None,
+               from_folder: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
+               batch_size: int = 64, device: str | torch.device = "cpu") -> IndexEdit:
+    """``snca index add``: embed labelled image files with the index's model and add them
+    (ids: the resolved paths); ``images`` all of class ``label``, or ``from_folder``
+    ``ROOT/<class>/<images>``. A new class name adds a class. Unreadable files are reported in
+    ``failures``; the index is saved when anything was added."""
+    if bool(images) == bool(from_folder):
+        raise SncaError("give either --images PATH... --label NAME or --from-folder ROOT")
+    if images:
+        if not label:
+            raise SncaError("--images needs --label NAME (the class of these images)")
+        paths, labels = [str(p) for p in images], [str(label)] * len(images)
+    else:
+        paths, labels = folder_images(from_folder)  # type: ignore[arg-type]
+    index = GalleryIndex.load(index_dir)
+    run = load_index_model(index, checkpoint, device=device)
+    index.model = model_record(run)  # same weights; remember where the checkpoint is now
+    embedded = embed_image_files(run.model, run_transform(run), run.in_chans, paths, batch_size=batch_size, device=device)
+    label_of = dict(zip(paths, labels, strict=True))
+    new_classes = sorted({label_of[p] for p in embedded.paths} - set(index.class_names))
+    if embedded.paths:
+        index.add(embedded.features, [label_of[p] for p in embedded.paths], [str(Path(p).resolve()) for p in embedded.paths])
+        index.save(index_dir)
+    return IndexEdit(index, len(embedded.paths), new_classes, embedded.failures)
+
+
+def remove_images(index_dir: str | os.PathLike, ids: Sequence[str] = (), label: str | None = None) -> IndexEdit:
+    """``snca index remove``: drop images by id (a file added by path may be named as typed or
+    resolved) and/or every image of class ``label``; saves the index. Unknown ids raise."""
+    if not ids and not label:
+        raise SncaError("give --ids ID... or --label NAME")
+    index = GalleryIndex.load(index_dir)
+    wanted = []
+    for i in (str(x) for x in ids):
+        resolved = str(Path(i).resolve())
+        wanted.append(resolved if i not in index and resolved in index else i)
+    if label:
+        c = index.class_index(label, create=False)
+        wanted += [i for i, y in zip(index.ids, index.labels.tolist(), strict=True) if y == c]
+    removed = index.remove(wanted)
+    index.save(index_dir)
+    return IndexEdit(index, removed)
+
+
+def query_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLike], k: int = 20,
+                 checkpoint: str | os.PathLike | None = None, batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """``snca index query``: classify image files (or directories of them) against an index
+    with its model. Returns (answers, failures) as :func:`classify_files`."""
+    _check_k(k)
+    index = GalleryIndex.load(index_dir)
+    if len(index) == 0:
+        raise SncaError(f"the index {index_dir} is empty: add labelled images with `snca index add` first")
+    run = load_index_model(index, checkpoint, device=device)
+    return classify_files(index, run, images, k=k, batch_size=batch_size, device=device)
+
+
+def index_info(index_dir: str | os.PathLike) -> dict[str, Any]:
+    """``snca index info``: size, dim, backend, sigma, images per class and model of an index."""
+    index = GalleryIndex.load(index_dir)
+    return {"size": len(index), "dim": index.dim, "backend": index.backend, "sigma": index.sigma,
+            "classes": index.class_counts(), "model": index.model}

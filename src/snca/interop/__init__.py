@@ -1,0 +1,1 @@
+"""Importers of checkpoints written by other code."""

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from snca.index import GalleryIndex
+from snca.gallery import GalleryIndex
 
 
 def make_model(dim: int, clusters: int, intrinsic: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -36,13 +36,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from snca.config import TrainConfig, apply_overrides
-    from snca.engine import Trainer, build_datasets, resolve_config
+    from snca.config import load_config
+    from snca.data import run_datasets
     from snca.models import build_model
+    from snca.train import Trainer
 
-    base = resolve_config(apply_overrides(TrainConfig(), {"dataset": args.dataset, "arch": args.arch, "subset": args.subset,
-                                                          "batch_size": args.batch_size}))
-    train = build_datasets(base, ("train",))["train"]
+    overrides = {"dataset": args.dataset, "arch": args.arch, "subset": args.subset, "batch_size": args.batch_size,
+                 "lr": 0.01, "lr_schedule": "constant"}
+    data = run_datasets(load_config("fashion-mnist", overrides), ("train",))
+    train = data["train"]
     n_batches = args.warmup + args.steps
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(0), drop_last=True)
@@ -54,19 +56,19 @@ def main() -> None:
 
     trainers = {}
     for loss in ("nca", "softmax"):
-        cfg = apply_overrides(base, {"loss": loss})
+        cfg = load_config("fashion-mnist", {**overrides, "loss": loss})
         torch.manual_seed(0)
-        trainers[loss] = Trainer(cfg, build_model(cfg.arch, cfg.low_dim, cfg.in_chans), train)
-        trainers[loss].model.train()
+        trainers[loss] = Trainer(cfg, build_model(cfg.model.arch, cfg.model.low_dim, data.in_chans), train)
+        trainers[loss].net.train()
         for b in batches[: args.warmup]:
-            trainers[loss].train_step([b], lr=0.01)
+            trainers[loss].train_step([b])
 
     times: dict[str, list[float]] = {"nca": [], "softmax": []}
     for _ in range(args.repeats):
         for loss, trainer in trainers.items():
             start = time.perf_counter()
             for b in batches[args.warmup :]:
-                trainer.train_step([b], lr=0.01)
+                trainer.train_step([b])
             times[loss].append(time.perf_counter() - start)
 
     images = args.steps * args.batch_size

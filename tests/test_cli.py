@@ -17,8 +17,8 @@ from PIL import Image
 from snca.checkpoint import load_checkpoint, load_run, save_checkpoint
 from snca.cli import main
 from snca.data import build_dataset, run_datasets
-from snca.features import extract
 from snca.errors import SncaError
+from snca.features import extract
 from snca.knn import knn_classify, topk_accuracy
 
 torch.set_num_threads(1)  # the test machine is shared: one thread avoids oversubscription

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from snca import MemoryBank, NCALoss, SncaError
-from snca.index import BACKENDS, GalleryIndex
+from snca.gallery import BACKENDS, GalleryIndex, dataset_ids
+
+torch.set_num_threads(1)  # the test machine is shared: one thread avoids oversubscription
 
 
 def clustered(n: int, dim: int, classes: int, seed: int = 0, spread: float = 0.35) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +78,7 @@ def test_add_by_name_new_class_remove_and_ids():
     assert torch.allclose(index.features[-2:].norm(dim=1), torch.ones(2))
     assert index.remove(["z0", "x5"]) == 2 and len(index) == 204
     assert "z0" not in index.ids and "x5" not in index.ids
+    assert "z0" not in index and "z1" in index and "x6" in index
     assert index.query(new[:1], k=3).ids[0][0] != "z0"
     assert index.remove(["nope"], missing_ok=True) == 0
     with pytest.raises(SncaError, match="not in the gallery"):
@@ -146,6 +149,29 @@ def test_from_memory_bank():
     assert index.ids == [f"train:{i}" for i in range(6)]
     res = index.query(bank.features_by_index()[4:5], k=1)
     assert res.ids == [["train:4"]] and res.predicted_names == ["r"]
+
+
+def test_dataset_ids_see_through_subsets_and_class_subsets(tmp_path):
+    """An image has one id whatever subset or class subset it is seen through: its index in the
+    full split (array datasets) or its file path (folders)."""
+    from PIL import Image
+
+    from snca.data import build_dataset, class_subset
+
+    full = build_dataset("mnist5k", "train")
+    sub = build_dataset("mnist5k", "train", subset=300, seed=0)
+    base = class_subset(sub, ["5", "6", "7", "8", "9"])
+    ids = dataset_ids(base, range(len(base)), "mnist5k", "train")
+    assert len(ids) == len(base) and all(int(full.targets[int(i.rsplit(":", 1)[1])]) >= 5 for i in ids)
+    expect = [f"mnist5k:train:{int(sub.source_indices[int(j)])}" for j in base.source_indices]
+    assert ids == expect
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (8, 8), (40 * j, 90, 0)).save(tmp_path / "train" / c / f"{j}.png")
+    folder = build_dataset("folder", "train", data_dir=tmp_path)
+    only_b = class_subset(folder, ["b"])
+    assert dataset_ids(only_b, range(2), "folder", "train") == [str(tmp_path / "train" / "b" / f"{j}.png") for j in range(2)]
 
 
 # ----------------------------------------------------------------------------- backends

@@ -8,8 +8,10 @@ for its failure modes (bad splits raise one-line SncaErrors).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -19,26 +21,46 @@ import torch
 import torch.nn.functional as F
 
 from snca.cli import main
-from snca.data import COARSE_GROUPS, FASHION_MNIST_CLASSES, MNIST_CLASSES, build_dataset
-from snca.errors import SncaError
-from snca.protocols import (
+from snca.data import (
+    COARSE_GROUPS,
     DIGIT_COARSE_GROUPS,
+    FASHION_MNIST_CLASSES,
+    MNIST_CLASSES,
     CoarseLabels,
+    build_dataset,
     class_subset,
+    parse_split_text,
+    read_split_file,
+    resolve_split,
+    split_from_novel,
+)
+from snca.errors import SncaError
+from snca.features import extract
+from snca.protocols import (
     confidence_interval,
     episode_accuracies,
     fewshot_evaluate,
     knn_accuracy,
-    parse_split_text,
-    read_split_file,
-    resolve_split,
     retrieval_metrics,
     sample_episodes,
-    split_from_novel,
     subcategory_accuracy,
 )
-from snca.protocols.features import pixel_features
-from snca.protocols.report import DEFAULT_NOVEL, findings, render_markdown
+
+
+def pixel_features(dataset):
+    return extract(None, dataset, "pixels").features
+
+# The protocol report driver is a script of the repository (experiments/report.py), not a module
+# of the package: load it from its file.
+_REPORT_SPEC = importlib.util.spec_from_file_location(
+    "experiments_report", Path(__file__).resolve().parents[1] / "experiments" / "report.py"
+)
+report_driver = importlib.util.module_from_spec(_REPORT_SPEC)
+sys.modules[_REPORT_SPEC.name] = report_driver  # its dataclasses look their module up
+_REPORT_SPEC.loader.exec_module(report_driver)
+DEFAULT_NOVEL, findings, render_markdown = (
+    report_driver.DEFAULT_NOVEL, report_driver.findings, report_driver.render_markdown
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ROOT / "splits"
@@ -431,7 +453,7 @@ def test_class_subset_and_coarse_wrappers(mnist5k):
     coarse = CoarseLabels(train, DIGIT_COARSE_GROUPS)
     assert coarse.num_classes == 3 and torch.equal(coarse.fine_targets, train.targets)
     assert coarse[5][1] == int(coarse.fine_to_coarse[train.targets[5]])
-    assert sorted(d for group in DIGIT_COARSE_GROUPS.values() for d in group) == list(range(10))
+    assert sorted(d for group in DIGIT_COARSE_GROUPS.values() for d in group) == [str(i) for i in range(10)]  # class names now
 
 
 def _write_cifar100(root: Path, per_class: int = 2) -> None:
@@ -519,12 +541,19 @@ def test_protocol_commands_on_a_checkpoint(tmp_path, capsys):
 
 
 def test_report_quick_end_to_end(tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "report", "--quick", "--datasets", "mnist5k", "--threads", "1",
-                           "--out", str(tmp_path / "p.md"), "--json", str(tmp_path / "p.json"))
+    # The driver refreshes only the results between its markers; the prose around them stays.
+    doc = tmp_path / "p.md"
+    doc.write_text(f"# Title\n\nProse.\n\n{report_driver.BEGIN}\nold results\n{report_driver.END}\n\n## After\n")
+    code = report_driver.main(["--quick", "--datasets", "mnist5k", "--threads", "1",
+                               "--out", str(doc), "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
     assert code == 0 and "wrote" in out
-    md = (tmp_path / "p.md").read_text()
+    md = doc.read_text()
     result = json.loads((tmp_path / "p.json").read_text())
-    assert "python -m snca report --out docs/protocols.md" in md and "--quick" in md
+    assert md.startswith("# Title\n\nProse.\n\n") and md.endswith(f"{report_driver.END}\n\n## After\n")
+    assert "old results" not in md and md.count(report_driver.BEGIN) == 1
+    assert ".venv/bin/python experiments/report.py --quick --datasets mnist5k" in md
+    assert "These numbers come from `--quick`" in md.split("## mnist5k")[0]
     for label in ("NCA embedding", "softmax embedding", "softmax penultimate", "raw pixels"):
         assert f"| {label} |" in md
     ds = result["datasets"][0]
@@ -558,7 +587,7 @@ def test_findings_name_every_column_nca_loses():
     assert any("Recall@1: **NCA loses** to raw pixels" in t for t in text)
     result = {
         "settings": {"quick": False, "seed": 0, "arch": "small_cnn", "low_dim": 128, "k": 30, "sigma": 0.05,
-                     "way": 5, "shots": [1], "query": 15, "episodes": 1000, "command": "python -m snca report"},
+                     "way": 5, "shots": [1], "query": 15, "episodes": 1000, "command": report_driver.COMMAND},
         "environment": {"python": "3", "torch": "2", "cpu_count": 2, "torch_threads": 2, "machine": "x"},
         "wall_s": 60.0,
         "datasets": [{"dataset": "d", "train_images": 10, "test_images": 5, "classes": [], "coarse_groups": {"a": ["x"]},
@@ -566,7 +595,14 @@ def test_findings_name_every_column_nca_loses():
                       "metrics": metrics, "wall_s": 1.0}],
     }
     md = render_markdown(result)
-    assert "| NCA embedding |" in md and "**NCA loses**" in md and "--quick" in md.split("## d")[0]
+    assert "| NCA embedding |" in md and "**NCA loses**" in md
+    assert f"Generated by `{report_driver.COMMAND}`" in md.split("## d")[0] and "--quick" not in md
+    result["settings"]["quick"] = True
+    assert "These numbers come from `--quick`" in render_markdown(result).split("## d")[0]
+    # A file without the markers becomes a standalone results file, refreshable in turn.
+    alone = report_driver.refresh_results("no markers here\n", md)
+    assert "no markers here" not in alone and md.strip() in alone
+    assert report_driver.refresh_results(alone, "new\n").count("new") == 1
 
 
 # ------------------------------------------------------------------ base-class training (snca train)
@@ -576,8 +612,8 @@ def test_train_on_base_classes_records_the_split_and_fewshot_uses_it(tmp_path, c
     """``snca train --novel-classes`` trains on the base classes only and records the split;
     ``snca fewshot`` then defaults to that split and refuses novel classes the model saw."""
     from snca.checkpoint import load_checkpoint
-    from snca.config import apply_overrides, load_recipe
-    from snca.engine import build_datasets
+    from snca.config import load_config
+    from snca.data import run_datasets
 
     run = tmp_path / "fs"
     # Sneaker (7), Bag (8), Ankle boot (9): names and an id mixed, as a user may type them.
@@ -587,16 +623,16 @@ def test_train_on_base_classes_records_the_split_and_fewshot_uses_it(tmp_path, c
     assert code == 0, err
     assert "base classes only (7 of 10" in out
     state = load_checkpoint(run / "last.pt")
-    cfg = state["config"]
+    split = state["facts"]["class_split"]  # a derived fact, recorded beside the config
     names = list(FASHION_MNIST_CLASSES)
-    assert cfg["class_split_ids"] == {"base": list(range(7)), "val": [], "novel": [7, 8, 9]}
-    assert cfg["class_split"] == {"base": names[:7], "val": [], "novel": names[7:]}
-    assert "class_split_ids" in (run / "config.yaml").read_text()
+    assert {s: split[s] for s in ("base", "val", "novel")} == {"base": list(range(7)), "val": [], "novel": [7, 8, 9]}
+    assert split["names"] == {"base": names[:7], "val": [], "novel": names[7:]}
+    assert state["facts"]["class_names"] == names[:7]
     # The memory holds exactly the base-class images of the 300-image subset, labels 0..6.
     full = build_dataset("fashion-mnist", "train", subset=300, seed=0)
     base_targets = full.targets[full.targets < 7]
     assert torch.equal(state["memory"]["labels"], base_targets)
-    assert state["num_classes"] == 7 and state["num_train"] == base_targets.numel()
+    assert state["facts"]["num_classes"] == 7 and state["num_train"] == base_targets.numel()
     # eval of this checkpoint runs on the base classes of the test set
     code, out, _ = run_cli(capsys, "eval", str(run), "--gallery", "memory", "--k", "5", "--json")
     test_full = build_dataset("fashion-mnist", "test", subset=100, seed=0)
@@ -623,9 +659,9 @@ def test_train_on_base_classes_records_the_split_and_fewshot_uses_it(tmp_path, c
 
     # A split file gives the same kind of base-class datasets (val classes are held out too).
     split_file.write_text("[val]\nShirt\n[novel]\nSneaker\nBag\nAnkle boot\n")
-    fs_cfg = apply_overrides(load_recipe("fashion-mnist"), {"split_file": str(split_file), "subset": 300, "test_subset": 100})
-    data = build_datasets(fs_cfg, ("train_eval", "test"))
+    fs_cfg = load_config("fashion-mnist", {"split_file": str(split_file), "subset": 300, "test_subset": 100})
+    data = run_datasets(fs_cfg, ("gallery", "test"))
     kept = [c for c in range(10) if c not in (6, 7, 8, 9)]
-    assert data["train_eval"].classes == [names[c] for c in kept]
+    assert data["gallery"].classes == [names[c] for c in kept]
     assert len(data["test"]) == sum(int((test_full.targets == c).sum()) for c in kept)
     assert sorted(set(data["test"].targets.tolist())) == list(range(len(kept)))

@@ -153,7 +153,7 @@ def _folder(root, counts=(3, 2, 4)):
 
 
 def test_cli_build_index_from_reference(tmp_path, net, capsys):
-    from snca.checkpoint import load_trained
+    from snca.checkpoint import load_run
     from snca.cli import main
 
     n = _folder(tmp_path / "data")
@@ -165,8 +165,9 @@ def test_cli_build_index_from_reference(tmp_path, net, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     # The converted checkpoint is an ordinary snca checkpoint, memory included.
-    model, config, bank = load_trained(out / "checkpoint.pt")
-    assert config["arch"] == "resnet18" and config["temperature"] == pytest.approx(0.07)
+    run = load_run(out / "checkpoint.pt")
+    model, bank = run.model, run.memory
+    assert run.config.model.arch == "resnet18" and run.config.objective.temperature == pytest.approx(0.07)
     torch.testing.assert_close(bank.features_by_index(), F.normalize(lem.memory, dim=1))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from snca.checkpoint import load_checkpoint, load_run, save_checkpoint
-from snca.config import Config, config_from_dict, config_to_dict, load_config, momentum_at, parse_set, recipe_names
+from snca.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    momentum_at,
+    parse_set,
+    recipe_names,
+)
 from snca.data import run_datasets
 from snca.errors import SncaError
 from snca.features import extract
@@ -258,7 +266,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_mismatched_resume_is_refused(nca_run, tmp_path):
     run_dir, _ = nca_run
-    state = load_checkpoint(run_dir / "last.pt")
+    load_checkpoint(run_dir / "last.pt")  # readable
     with pytest.raises(SncaError, match="low_dim"):
         train(tiny_config(low_dim=64), run_dir=tmp_path / "x", resume_path=run_dir / "last.pt")
     with pytest.raises(SncaError, match="1000 images, this dataset has 600"):

@@ -2,12 +2,12 @@
 with a small checkpoint trained here (snca's NCALoss + MemoryBank, a few steps) and saved in
 the agreed checkpoint format. Bad inputs: missing / unreadable / non-image files, a model
 that does not match the index, an empty gallery. The neighbour page is opened in headless
-Chromium and its screenshot checked."""
+Chromium and its screenshot checked. Runs trained on base classes only or on coarse labels
+(`fit`, one tiny epoch) must show their own class names everywhere."""
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import re
@@ -21,11 +21,13 @@ import torch
 from PIL import Image
 
 from snca import MemoryBank, NCALoss
-from snca.checkpoint import load_trained, save_checkpoint
+from snca.checkpoint import load_run, save_checkpoint
 from snca.cli import main
-from snca.config import TrainConfig, config_to_dict
-from snca.data import build_dataset, build_transforms
+from snca.config import config_to_dict, load_config
+from snca.data import MNIST_CLASSES, build_dataset, build_transforms
 from snca.models import build_model
+
+torch.set_num_threads(1)  # the test machine is shared: one thread avoids oversubscription
 
 SUBSET = 600
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -47,12 +49,12 @@ def _train_checkpoint(path: Path, seed: int, loss: str = "nca") -> None:
         opt.zero_grad()
         loss_value.backward()
         opt.step()
-    cfg = dataclasses.replace(
-        TrainConfig(), dataset="mnist5k", subset=SUBSET, arch="small_cnn", low_dim=32, in_chans=1,
-        image_size=28, epochs=1, loss=loss,
-    )
+    cfg = load_config(recipe=None, overrides=dict(dataset="mnist5k", subset=SUBSET, arch="small_cnn", low_dim=32,
+                                                  image_size=28, epochs=1, loss=loss))
+    facts = {"in_chans": 1, "image_size": 28, "num_classes": 10, "class_names": list(MNIST_CLASSES), "class_split": None,
+             "num_train": SUBSET}
     save_checkpoint(path, {
-        "config": config_to_dict(cfg), "model": model.state_dict(),
+        "config": config_to_dict(cfg), "facts": facts, "model": model.state_dict(),
         "memory": bank.state_dict() if loss == "nca" else None, "classifier": None, "epoch": 1, "metrics": [],
     })
 
@@ -63,7 +65,7 @@ def env(tmp_path_factory):
     _train_checkpoint(root / "a.pt", seed=0)
     _train_checkpoint(root / "b.pt", seed=1)
     state = torch.load(root / "a.pt", weights_only=True)
-    state["config"]["loss"], state["memory"] = "softmax", None
+    state["config"]["objective"]["loss"], state["memory"] = "softmax", None
     save_checkpoint(root / "softmax.pt", state)
     test = build_dataset("mnist5k", "test")
     images = {}
@@ -85,7 +87,7 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
 
 def reference_answer(ckpt: Path, image: Path, gallery: torch.Tensor, labels: torch.Tensor, k: int, sigma: float):
     """Independent path: PIL -> numpy normalisation -> model -> float64 NumPy search and vote."""
-    model, _, _ = load_trained(ckpt)
+    model = load_run(ckpt).model
     a = np.asarray(Image.open(image).convert("L"), dtype=np.float64) / 255.0
     x = torch.from_numpy(((a - MNIST_MEAN) / MNIST_STD).astype(np.float32))[None, None]
     with torch.no_grad():
@@ -106,7 +108,7 @@ def test_predict_with_memory_gallery_matches_reference(env, capsys):
     assert code == 0, err
     results = json.loads(out)["results"]
     assert [r["image"] for r in results] == [str(images[3]), str(images[5])]
-    _, _, bank = load_trained(root / "a.pt")
+    bank = load_run(root / "a.pt").memory
     train = build_dataset("mnist5k", "train", subset=SUBSET, seed=0)
     for r, digit in zip(results, (3, 5), strict=True):
         idx, sims, scores = reference_answer(root / "a.pt", images[digit], bank.features_by_index(), bank.labels, 10, 0.05)
@@ -150,6 +152,26 @@ def test_predict_usage_errors(env, capsys):
     assert code == 2 and "not a gallery index" in err
 
 
+def test_predict_a_directory_of_images(env, capsys, tmp_path):
+    """A directory stands for the image files in it, sorted by name; a directory without any is a
+    failure of its own, the other images are still answered."""
+    images = env["images"]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for digit in (4, 1, 2):
+        shutil.copy(images[digit], folder / f"img{digit}.png")
+    (folder / "readme.txt").write_text("not an image\n")
+    (folder / ".hidden.png").write_bytes(b"")
+    (folder / "sub").mkdir()
+    (tmp_path / "nothing").mkdir()
+    code, out, err = cli(capsys, "predict", env["root"] / "a.pt", folder, "--k", 3, "--json")
+    assert code == 0, err
+    assert [r["image"] for r in json.loads(out)["results"]] == [str(folder / f"img{d}.png") for d in (1, 2, 4)]
+    code, out, err = cli(capsys, "predict", env["root"] / "a.pt", tmp_path / "nothing", images[3], "--k", 3, "--json")
+    assert code == 1 and "nothing" in err and "without image files" in err
+    assert [r["image"] for r in json.loads(out)["results"]] == [str(images[3])]
+
+
 # ----------------------------------------------------------------------------- index
 def test_index_build_add_remove_query(env, capsys, tmp_path):
     root, images = env["root"], env["images"]
@@ -164,7 +186,7 @@ def test_index_build_add_remove_query(env, capsys, tmp_path):
     # The index's answers equal an independent search over features of the same images.
     code, out, _ = cli(capsys, "index", "query", idx, images[4], "--k", 5, "--json")
     answer = json.loads(out)["results"][0]
-    model, _, _ = load_trained(root / "a.pt")
+    model = load_run(root / "a.pt").model
     train = build_dataset("mnist5k", "train", subset=SUBSET, seed=0)
     with torch.no_grad():
         feats = model(torch.stack([train[i][0] for i in range(len(train))]))
@@ -347,3 +369,74 @@ def test_neighbors_bad_input(env, capsys, tmp_path):
     assert code == 2 and "does not exist" in err
     code, _, err = cli(capsys, "neighbors", root / "a.pt", "--k", 0, "--out", tmp_path)
     assert code == 2 and "--k" in err
+
+
+# ----------------------------------------------------------------------------- the run's class names
+BASE = ["5", "6", "7", "8", "9"]  # novel 0-4: numbered names ("0".."4") would be the novel classes' names
+COARSE = ["loops", "strokes", "curves"]  # snca.data.DIGIT_COARSE_GROUPS
+
+
+@pytest.fixture(scope="module")
+def label_runs(tmp_path_factory):
+    """Two tiny real runs (fit, one epoch on 400 digits): one on base classes only, one on
+    coarse labels."""
+    from snca.train import fit
+
+    root = tmp_path_factory.mktemp("labels")
+    common = dict(dataset="mnist5k", subset=400, test_subset=100, epochs=1, batch_size=32, progress="off", plot=False,
+                  out_dir=str(root))
+    runs = {}
+    for name, extra in (("base", {"novel_classes": ["0", "1", "2", "3", "4"]}), ("coarse", {"label_set": "coarse"})):
+        run = fit(overrides={**common, **extra}, run_dir=root / name, log=lambda *_: None)
+        runs[name] = run.run_dir
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["base", "coarse"])
+def test_base_class_and_coarse_runs_show_their_class_names(label_runs, env, capsys, tmp_path, kind):
+    """predict (memory and index galleries), index build (features and memory) and neighbors on
+    a run trained on base classes / coarse labels name the run's classes, never numbers and
+    never a class the run did not train on."""
+    run_dir, names = label_runs[kind], BASE if kind == "base" else COARSE
+    images = [env["images"][d] for d in range(6)]
+    assert load_run(run_dir).class_names == names
+
+    code, out, err = cli(capsys, "predict", run_dir, *images, "--k", 5, "--json")
+    assert code == 0, err
+    results = json.loads(out)["results"]
+    assert len(results) == 6
+    for r in results:
+        assert r["prediction"] in names and set(r["class_scores"]) <= set(names)
+        assert all(n["label"] in names for n in r["neighbors"])
+        assert all(n["id"].startswith("mnist5k:train:") for n in r["neighbors"])
+
+    label_set = "coarse" if kind == "coarse" else "fine"
+    train = build_dataset("mnist5k", "train", label_set=label_set, subset=400, seed=0)
+    full = build_dataset("mnist5k", "train", label_set=label_set)
+    for source in ("features", "memory"):
+        idx = tmp_path / source
+        code, out, err = cli(capsys, "index", "build", run_dir, "--out", idx, "--source", source)
+        assert code == 0, err
+        info = json.loads(cli(capsys, "index", "info", idx, "--json")[1])
+        assert list(info["classes"]) == names
+        kept = train.targets >= 5 if kind == "base" else torch.ones(len(train), dtype=torch.bool)
+        assert info["size"] == int(kept.sum())
+        assert info["classes"] == {n: int((train.targets == train.classes.index(n)).sum()) for n in names}
+        code, out, err = cli(capsys, "predict", run_dir, *images, "--gallery", idx, "--k", 5, "--json")
+        assert code == 0, err
+        for r in json.loads(out)["results"]:
+            assert r["prediction"] in names and all(n["label"] in names for n in r["neighbors"])
+            # ids name the images of the full split, with the labels they have there
+            for n in r["neighbors"]:
+                j = int(n["id"].rsplit(":", 1)[1])
+                assert full.classes[int(full.targets[j])] == n["label"]
+
+    out_dir = tmp_path / "nb"
+    code, out, err = cli(capsys, "neighbors", run_dir, "--queries", 4, "--k", 5, "--raw-pixels", "--out", out_dir)
+    assert code == 0, err
+    data = json.loads((out_dir / "neighbors.json").read_text())
+    assert len(data["queries"]) == 4
+    for q in data["queries"]:
+        assert q["label"] in names
+        for nbs in q["neighbors"].values():
+            assert len(nbs) == 5 and all(n["label"] in names for n in nbs)

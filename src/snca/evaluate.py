@@ -160,7 +160,9 @@ def feature_source(checkpoint: str | Path | None, kind: str = "embedding", datas
         run = load_run(checkpoint, device_t)
         cfg = run.config
         what = f"{cfg.objective.loss} {cfg.model.arch} {kind} ({run.path})"
-    cfg = with_data(cfg, dataset=dataset, data_dir=data_dir, subset=subset, test_subset=test_subset)
+    cfg = with_data(cfg, dataset=dataset, data_dir=data_dir, subset=subset)
+    # The protocols score the whole test split unless asked otherwise (not the run's monitor subset).
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_subset=test_subset))
     return FeatureSource(run, kind, cfg, device_t, batch_size, what)
 
 
@@ -207,13 +209,17 @@ def fewshot_of(src: FeatureSource, novel_classes: Sequence[str] | None = None, s
         if seen:
             raise SncaError(f"this checkpoint was trained on {', '.join(seen)} (base classes of its split), so they are not novel "
                             f"to it; its novel classes are {', '.join(recorded['names']['novel'])}: omit --novel-classes/--split-file to use them")
+    note = None
+    if not recorded and src.run is not None and src.run.config.data.label_set != "coarse" and src.run.config.data.dataset == src.config.data.dataset:
+        note = (f"this checkpoint was trained on {len(src.run.class_names or classes)} classes, all of the dataset's: "
+                "the 'novel' classes are not novel to it")
     if way > len(split.novel):
         raise SncaError(f"{way}-way episodes need at least {way} novel classes, the split has {len(split.novel)}")
     feats = src.features(dataset)
     rows = [fewshot_evaluate(feats, dataset.fine_targets, split.novel, way, shot, query, episodes, seed, method,
                              k=k, sigma=sigma).to_dict() for shot in shots for method in methods]
     return {"source": src.what, "dataset": src.config.data.dataset, "split": episode_split,
-            "novel_classes": split.names("novel"), "results": rows}
+            "novel_classes": split.names("novel"), "results": rows, **({"note": note} if note else {})}
 
 
 def retrieval_of(src: FeatureSource, queries: str = "test", gallery: str = "none", recall_k: Sequence[int] = (1, 2, 4, 8),

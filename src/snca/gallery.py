@@ -17,6 +17,12 @@ Search backends: ``torch`` (exact, :func:`snca.knn.knn_search`, the default), an
 installed ``faiss-flat`` (exact ``IndexFlatIP``), ``faiss-ivf`` (``IndexIVFFlat``, inner
 product, approximate: probes ``nprobe`` of ``nlist`` cells) and ``faiss-hnsw``
 (``IndexHNSWFlat``, inner product, approximate).
+
+Galleries of a trained run (:func:`run_gallery`: its memory bank, or a split embedded by its
+model) carry the run's class names: its base classes for a few-shot run, its coarse labels for
+a coarse one. The commands are one call each: :func:`predict_images` (``snca predict``),
+:func:`build_index`, :func:`add_images`, :func:`remove_images`, :func:`query_images` and
+:func:`index_info` (``snca index ...``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +45,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .checkpoint import TrainedRun, load_run
-from .data import build_transforms, run_datasets
+from .data import IMG_EXTENSIONS, RunData, build_transforms, run_datasets
 from .errors import SncaError
 from .features import embed_image_files, extract
+from .interop.reference import import_reference
 from .knn import knn_search, vote
 
 INDEX_FORMAT = "snca-index"

@@ -7,6 +7,7 @@ split: its novel classes are the default, and novel classes it was trained on ar
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..evaluate import fewshot_of
 from ._protocols import add_source_args, emit, load_source
@@ -43,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = fewshot_of(load_source(args), args.novel_classes, args.split_file, args.way, args.shot, args.query,
                         args.episodes, args.seed, args.method, args.k, args.sigma, args.episode_split)
+    if "note" in result:
+        print(f"note: {result['note']}", file=sys.stderr)
     lines = [
         f"few-shot: {result['source']} on {result['dataset']} ({result['split']} split), novel classes: "
         + ", ".join(result["novel_classes"]),

@@ -6,7 +6,14 @@ features and labels (the data wrappers they are used with live in :mod:`snca.dat
 - ``retrieval``: Recall@K, precision@1, R-precision, mAP@R.
 """
 
-from .fewshot import Episodes, FewShotResult, confidence_interval, episode_accuracies, fewshot_evaluate, sample_episodes
+from .fewshot import (
+    Episodes,
+    FewShotResult,
+    confidence_interval,
+    episode_accuracies,
+    fewshot_evaluate,
+    sample_episodes,
+)
 from .retrieval import RetrievalResult, average_precision_at_r, retrieval_metrics
 from .subcategory import KNNAccuracy, knn_accuracy, subcategory_accuracy
 

@@ -8,7 +8,7 @@ Data: seeded, clustered unit vectors (``--clusters`` random centres plus Gaussia
 it isotropic in all dimensions), so an IVF partition is meaningful and neighbours are not
 trivially the cluster. Queries are fresh draws from the same distribution, or with
 ``--novel-queries`` around other random centres (like images of classes not in the gallery).
-Backends go through :class:`snca.index.GalleryIndex` (what a user gets): ``torch`` (exact,
+Backends go through :class:`snca.gallery.GalleryIndex` (what a user gets): ``torch`` (exact,
 snca.knn.knn_search), ``faiss-flat`` (exact IndexFlatIP), ``faiss-ivf`` at several ``nprobe``
 and ``faiss-hnsw`` at several ``efSearch``. Recall@k is the
 fraction of the exact top-k ids found. Prints one JSON object per line.

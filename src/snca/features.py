@@ -16,7 +16,6 @@ Kinds (:data:`KINDS`):
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from .data import load_image
 from .errors import SncaError
+from .files import atomic_write, check_writable
 from .runtime import autocast, make_loader
 
 KINDS = ("embedding", "penultimate", "projection", "pixels")
@@ -177,44 +177,40 @@ def embed_image_files(
 FEATURE_FILE_SUFFIXES = (".npz", ".npy", ".safetensors")
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def check_output_file(out: str | os.PathLike) -> Path:
+    """Refuse a features file that cannot be written (suffix, directory, permissions), before
+    anything is embedded."""
+    path = Path(out)
+    if path.suffix not in FEATURE_FILE_SUFFIXES:
+        raise SncaError(f"--out must end in {', '.join(FEATURE_FILE_SUFFIXES)}, got {path.name}")
+    if not path.parent.is_dir():
+        raise SncaError(f"output directory {path.parent} does not exist; create it first")
+    return check_writable(path, "features file")
 
 
 def save_features(out: str | os.PathLike, features: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> list[Path]:
     """Write features (N, D) float32, labels and ids (N,) int64 in the format ``out``'s suffix
     names, each file atomically: ``.npz`` (one archive), ``.safetensors`` (three tensors), or
     ``.npy`` (the features, plus ``<stem>_labels.npy`` and ``<stem>_ids.npy``). Returns the paths."""
-    path = Path(out)
-    if path.suffix not in FEATURE_FILE_SUFFIXES:
-        raise SncaError(f"--out must end in {', '.join(FEATURE_FILE_SUFFIXES)}, got {path.name}")
-    if not path.parent.is_dir():
-        raise SncaError(f"output directory {path.parent} does not exist; create it first")
+    path = check_output_file(out)
     arrays = {"features": np.ascontiguousarray(features, np.float32), "labels": np.ascontiguousarray(labels, np.int64),
               "ids": np.ascontiguousarray(ids, np.int64)}
     if path.suffix == ".npz":
-        def write_npz(tmp: str) -> None:
+        def write_npz(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
-        _atomic(path, write_npz)
+        atomic_write(path, write_npz)
         return [path]
     if path.suffix == ".safetensors":
-        _atomic(path, lambda tmp: save_numpy(arrays, tmp, metadata={"format": "snca-features"}))
+        atomic_write(path, lambda tmp: save_numpy(arrays, str(tmp), metadata={"format": "snca-features"}))
         return [path]
     written = []
     for name, arr in arrays.items():
         target = path if name == "features" else path.with_name(f"{path.stem}_{name}.npy")
 
-        def write_npy(tmp: str, arr: np.ndarray = arr) -> None:
+        def write_npy(tmp: Path, arr: np.ndarray = arr) -> None:
             with open(tmp, "wb") as fh:
                 np.save(fh, arr)
-        _atomic(target, write_npy)
+        atomic_write(target, write_npy)
         written.append(target)
     return written

@@ -48,6 +48,7 @@ from .checkpoint import TrainedRun, load_run
 from .data import IMG_EXTENSIONS, RunData, build_transforms, run_datasets
 from .errors import SncaError
 from .features import embed_image_files, extract
+from .files import atomic_write, atomic_write_text, check_writable
 from .interop.reference import import_reference
 from .knn import knn_search, vote
 
@@ -435,18 +436,15 @@ class GalleryIndex:
         half-written index that loads."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (_TENSOR_FILE + ".tmp")
-        save_file({"features": self.features.contiguous(), "labels": self.labels.contiguous()}, str(tmp))
-        os.replace(tmp, directory / _TENSOR_FILE)
+        tensors = {"features": self.features.contiguous(), "labels": self.labels.contiguous()}
+        atomic_write(directory / _TENSOR_FILE, lambda tmp: save_file(tensors, str(tmp)))
         faiss_file = None
         if isinstance(self._searcher, _FaissSearcher) and len(self):
             # Build it now: for IVF / HNSW on a large gallery this is the expensive part, and
             # saving it spares every later load the work.
             self._searcher.ensure(self.features)
             if self._searcher.index.ntotal == len(self):
-                tmp = directory / (_FAISS_FILE + ".tmp")
-                self._searcher.save(tmp)
-                os.replace(tmp, directory / _FAISS_FILE)
+                atomic_write(directory / _FAISS_FILE, self._searcher.save)
                 faiss_file = _FAISS_FILE
         if faiss_file is None and (directory / _FAISS_FILE).exists():
             (directory / _FAISS_FILE).unlink()
@@ -463,9 +461,7 @@ class GalleryIndex:
             "faiss_file": faiss_file,
             "ids": self.ids,
         }
-        tmp = directory / (_META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, directory / _META_FILE)
+        atomic_write_text(directory / _META_FILE, json.dumps(meta))
         return directory
 
     @classmethod
@@ -795,6 +791,7 @@ def build_index(out: str | os.PathLike, checkpoint: str | os.PathLike | None = N
     out = Path(out)
     if (out / _META_FILE).exists():
         raise SncaError(f"{out} already holds an index; remove it or choose another --out")
+    check_writable(out, "index directory", is_dir=True)
     if from_reference:
         if checkpoint:
             raise SncaError("give either a checkpoint or --from-reference, not both")
@@ -832,6 +829,7 @@ def add_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLike]
     else:
         paths, labels = folder_images(from_folder)  # type: ignore[arg-type]
     index = GalleryIndex.load(index_dir)
+    check_writable(index_dir, "index directory", is_dir=True)
     run = load_index_model(index, checkpoint, device=device)
     index.model = model_record(run)  # same weights; remember where the checkpoint is now
     embedded = embed_image_files(run.model, run_transform(run), run.in_chans, paths, batch_size=batch_size, device=device)
@@ -849,6 +847,7 @@ def remove_images(index_dir: str | os.PathLike, ids: Sequence[str] = (), label: 
     if not ids and not label:
         raise SncaError("give --ids ID... or --label NAME")
     index = GalleryIndex.load(index_dir)
+    check_writable(index_dir, "index directory", is_dir=True)
     wanted = []
     for i in (str(x) for x in ids):
         resolved = str(Path(i).resolve())

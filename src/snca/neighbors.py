@@ -28,6 +28,7 @@ from torch import Tensor
 from .checkpoint import TrainedRun, load_run
 from .errors import SncaError
 from .features import extract
+from .files import atomic_write_text, check_writable
 from .gallery import dataset_ids, run_split
 from .knn import knn_search
 from .viz import NeighborRow, Tile, precision, write_grid, write_html
@@ -199,6 +200,7 @@ def write_neighbors(checkpoint: str | os.PathLike, out: str | os.PathLike, *, qu
     neighbors.json."""
     if k < 1:
         raise SncaError(f"--k must be >= 1, got {k}")
+    check_writable(out, "neighbours page directory", is_dir=True)
     main = load_run(checkpoint, device=device)
     runs = [main, *(load_run(other, device=device) for other in compare)]
     query_ds, gallery_ds, data = open_data(main, split, gallery_split, gallery_subset, data_dir)
@@ -217,5 +219,5 @@ def write_neighbors(checkpoint: str | os.PathLike, out: str | os.PathLike, *, qu
     page.files["html"] = write_html(rows, out / "index.html", title=title, meta=meta)
     page.files["png"] = write_grid(rows, out / "neighbors.png")
     page.files["json"] = out / "neighbors.json"
-    page.files["json"].write_text(json.dumps({"title": title, "precision": summary, "queries": record}, indent=1))
+    atomic_write_text(page.files["json"], json.dumps({"title": title, "precision": summary, "queries": record}, indent=1))
     return page

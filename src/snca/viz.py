@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import atomic_write, atomic_write_text
+
 MATCH_COLOR = "#2e7d32"
 MISMATCH_COLOR = "#c62828"
 QUERY_COLOR = "#1565c0"
@@ -144,9 +146,7 @@ def render_html(rows: Sequence[NeighborRow], title: str = "Nearest neighbours", 
 def write_html(rows: Sequence[NeighborRow], path: str | os.PathLike, **kwargs: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_html(rows, **kwargs), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, render_html(rows, **kwargs))
     return path
 
 
@@ -195,7 +195,6 @@ def render_grid(rows: Sequence[NeighborRow], tile: int = 56, label_width: int = 
 def write_grid(rows: Sequence[NeighborRow], path: str | os.PathLike, **kwargs: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    render_grid(rows, **kwargs).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, path)
+    image = render_grid(rows, **kwargs)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", optimize=True))
     return path

@@ -100,6 +100,9 @@ def test_mismatched_checkpoints(capsys, tmp_path, trained):
     state = load_checkpoint(ckpt)
     state["config"]["model"]["low_dim"] = 64
     save_checkpoint(tmp_path / "tampered.pt", {k: v for k, v in state.items() if k not in ("format", "version")})
+    assert_one_line_error(*run_cli(capsys, "eval", tmp_path / "tampered.pt")[::2], "differs from the config's model.low_dim")
+    del state["memory"]  # without the memory, the weights themselves are refused
+    save_checkpoint(tmp_path / "tampered.pt", {k: v for k, v in state.items() if k not in ("format", "version", "digest")})
     assert_one_line_error(*run_cli(capsys, "eval", tmp_path / "tampered.pt")[::2], "does not match this model")
     # evaluating on a dataset of another kind (3-channel CIFAR layout vs a 1-channel model)
     cifar = write_cifar(tmp_path / "cifar", 10)

@@ -123,15 +123,27 @@ def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(readers, "_download_torchvision", offline)
+    # A data dir the user named is looked in, never created or downloaded into unless asked.
+    with pytest.raises(SncaError, match="does not exist .*--download"):
+        build_dataset("fashion-mnist", "train", data_dir=tmp_path / "mine")
+    assert calls == [] and not (tmp_path / "mine").exists()
+    (tmp_path / "mine").mkdir()
     with pytest.raises(SncaError) as err:
         build_dataset("fashion-mnist", "train", data_dir=tmp_path / "mine")
     msg = _one_line(err)
-    assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg
-    assert str(tmp_path / "nowhere") in msg and "network unreachable" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "--download" in msg
+    assert str(tmp_path / "nowhere") in msg and str(tmp_path / "mine") in msg
+    assert calls == [] and list((tmp_path / "mine").iterdir()) == []
+    # Asked to download: the failure is reported with the places looked in.
+    with pytest.raises(SncaError) as err:
+        build_dataset("fashion-mnist", "train", data_dir=tmp_path / "mine", download=True)
+    assert "network unreachable" in _one_line(err)
     assert calls == [("fashion-mnist", tmp_path / "mine")]
     # Without a data dir there is nothing to download into.
     with pytest.raises(SncaError, match="apt-get install"):
         build_dataset("fashion-mnist", "test")
+    with pytest.raises(SncaError, match="--download needs --data-dir"):
+        build_dataset("fashion-mnist", "test", download=True)
     assert len(calls) == 1
 
 
@@ -145,7 +157,7 @@ def test_fashion_mnist_download_fallback_is_used(tmp_path, monkeypatch):
             shutil.copy(gz, raw / gz.name)
 
     monkeypatch.setattr(readers, "_download_torchvision", fake_download)
-    ds = build_dataset("fashion-mnist", "test", data_dir=tmp_path / "dl")
+    ds = build_dataset("fashion-mnist", "test", data_dir=tmp_path / "dl", download=True)
     assert len(ds) == 10000
 
 

@@ -28,9 +28,9 @@ per-epoch monitor, is kept beside it; name it explicitly to use it.)
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
@@ -46,6 +45,7 @@ from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shard
 from . import distributed as sd
 from .config import Config, config_from_dict
 from .errors import SncaError
+from .files import OutputError, atomic_path, is_write_failure, write_error
 from .memory import MemoryBank, shard_range
 from .models import build_model
 
@@ -64,23 +64,89 @@ def _is_torch_file(path: Path) -> bool:
         return fh.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
 
 
+# ---------------------------------------------------------------------- integrity
+def tensor_digest(state: Any) -> str:
+    """A BLAKE2b digest of every tensor in ``state`` (key path, dtype, shape, bytes) and of its
+    plain values, walked in a fixed order; the ``digest`` entry itself is left out. Written with
+    each checkpoint file and checked on load: a flipped bit in weights or memory is found even
+    where the values still look plausible."""
+    h = hashlib.blake2b(digest_size=20)
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                if not (key == "" and k == "digest"):
+                    walk(f"{key}/{k}", value[k])
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{key}[{i}]", v)
+        else:
+            h.update(f"{key}={value!r}".encode())
+
+    walk("", state)
+    return h.hexdigest()
+
+
+# Slots are unit vectors; float16/bfloat16 storage rounds their norms by up to ~1e-2.
+_NORM_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def validate_state(state: dict[str, Any], path: Any = "checkpoint") -> None:
+    """Refuse a checkpoint whose content cannot be a trained run (one-line SncaError naming what
+    is wrong): non-finite weights, memory slots that are not finite unit vectors, labels outside
+    the classes, or shapes that disagree with its config. Checks this rank's memory shard."""
+    def bad(what: str) -> SncaError:
+        return SncaError(f"checkpoint {path} is corrupt: {what}; use another checkpoint, e.g. best.pt or an earlier run")
+
+    for entry in ("model", "classifier"):
+        for name, t in (state.get(entry) or {}).items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise bad(f"{entry} weight {name!r} holds {int((~torch.isfinite(t)).sum())} NaN/Inf values")
+    memory = state.get("memory")
+    if memory is None:
+        return
+    slots, labels, extra = memory.get("slots"), memory.get("labels"), memory.get("_extra_state") or {}
+    if slots is None or labels is None:
+        raise bad("the memory entry lacks its slots or labels")
+    num_classes, dim = int(extra.get("num_classes", 0)), int(extra.get("dim", -1))
+    if slots.ndim != 2 or slots.shape[1] != dim:
+        raise bad(f"memory slots have shape {tuple(slots.shape)}, its header says dim {dim}")
+    low_dim = (state.get("config") or {}).get("model", {}).get("low_dim") if isinstance(state.get("config"), dict) else None
+    if low_dim is not None and int(low_dim) != dim:
+        raise bad(f"memory dim {dim} differs from the config's model.low_dim {low_dim}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise bad(f"memory labels span {int(labels.min())}..{int(labels.max())}, outside its {num_classes} classes")
+    names = (state.get("facts") or {}).get("class_names")
+    if names and len(names) != num_classes:
+        raise bad(f"the memory has {num_classes} classes, its facts name {len(names)}")
+    if not slots.numel():
+        return
+    values = slots.float()
+    finite = torch.isfinite(values).all(dim=1)
+    if not bool(finite.all()):
+        raise bad(f"{int((~finite).sum())} of {len(values)} memory slots hold NaN/Inf values")
+    norms = values.norm(dim=1)
+    off = (norms - 1).abs() > _NORM_TOLERANCE.get(slots.dtype, 1e-3)
+    if bool(off.any()):
+        k = int(off.nonzero()[0])
+        raise bad(f"{int(off.sum())} of {len(values)} memory slots are not unit vectors (e.g. slot {k} has norm {float(norms[k]):.4g})")
+
+
 # ---------------------------------------------------------------------- writing
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to the single file ``path`` atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``state`` to the single file ``path`` atomically (temp file, fsync, rename), with a
+    digest of its tensors that loading checks. A failed write (a full disk) raises a one-line
+    :class:`~snca.files.OutputError` and leaves the previous ``path`` as it was."""
     state = {"format": FORMAT, "version": VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    state["digest"] = tensor_digest(state)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _put(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def save_run_checkpoint(path: str | os.PathLike, state: dict[str, Any], memory: MemoryBank | None) -> Path:
@@ -89,20 +155,32 @@ def save_run_checkpoint(path: str | os.PathLike, state: dict[str, Any], memory: 
     path = Path(path)
     if sd.world_size() == 1:
         return save_checkpoint(path, state)
-    rngs = [None] * sd.world_size()
-    dist.all_gather_object(rngs, state["rng"])
+    rngs = sd.all_gather_object(state["rng"])
     tmp = Path(sd.broadcast_object(str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))))
     if sd.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     sd.barrier()
-    if memory is not None:
-        dcp.save({"memory.slots": sd.sharded_slots(memory)}, checkpoint_id=str(tmp))
-    if sd.is_main():
-        rest = dict(state, rng=rngs, world_size=sd.world_size())
+    failed = ""
+    try:
         if memory is not None:
-            rest["memory"] = {k: v for k, v in state["memory"].items() if k != "slots"}
-        save_checkpoint(tmp / STATE_FILE, rest)
+            dcp.save({"memory.slots": sd.sharded_slots(memory)}, checkpoint_id=str(tmp))
+        if sd.is_main():
+            rest = dict(state, rng=rngs, world_size=sd.world_size())
+            if memory is not None:
+                rest["memory"] = {k: v for k, v in state["memory"].items() if k != "slots"}
+            save_checkpoint(tmp / STATE_FILE, rest)
+    except Exception as err:  # DCP wraps a rank's failed write in its own error type
+        if not (is_write_failure(err) or is_write_failure(err.__cause__ or err)) and "No space" not in str(err):
+            raise
+        failed = str(write_error(path, err, kept=path.exists() or None))
+    # Every rank learns whether any rank failed: the directory is put in place only if none did.
+    failed = next((f for f in sd.all_gather_object(failed) if f), "")
+    if failed:
+        if sd.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(failed)
+    if sd.is_main():
         _put(tmp, path)
     sd.barrier()
     return path
@@ -183,6 +261,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     for key in ("config", "model", "epoch"):
         if key not in state:
             raise SncaError(f"checkpoint {path} lacks its {key!r} entry; it is incomplete")
+    if "digest" in state and tensor_digest(state) != state["digest"]:
+        raise SncaError(f"checkpoint {path} is corrupt: its content does not match the digest written with it (the file "
+                        "was damaged or modified after it was saved); use another checkpoint, e.g. best.pt or an earlier run")
     return state
 
 
@@ -225,8 +306,10 @@ def load_checkpoint(path: str | os.PathLike, shard: tuple[int, int] = (0, 1)) ->
             memory["slots"] = _read_sharded_slots(path, memory, rank, world)
             memory["_extra_state"] = dict(memory["_extra_state"], shard=[rank, world])
             state["memory"] = memory
+        validate_state(state, path)
         return state
     state = _read_file(path)
+    validate_state(state, path)
     if world > 1:
         state["rng"] = state.get("rng") if rank == 0 and int(state.get("world_size", 1)) == world else None
         if state.get("memory") is not None:

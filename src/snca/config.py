@@ -54,6 +54,7 @@ class DataConfig:
     split_file: str | None = _f(None, "few-shot: train on the [base] classes of this class-split file only")
     coarse_map: str | None = _f(None, "folder datasets, coarse labels: file of 'fine_class coarse_class' lines (default DIR/coarse.txt)")
     workers: int = _f(0, "data-loader worker processes")
+    download: bool = _f(False, "fashion-mnist, mnist: download into data_dir when the files are not there")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ModelConfig:
     arch: str = _f("small_cnn", "small_cnn | cifar_resnet18 | resnet18 | resnet34 | resnet50 | timm:<name>")
     low_dim: int = _f(128, "embedding dimension D")
     weights: str | None = _f(None, "pretrained backbone weights (see snca.models.build_model)")
+    sync_bn: bool = _f(False, "several ranks: batch-norm statistics over every rank's batch, not each rank's own")
 
 
 @dataclass

@@ -35,9 +35,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as differentiable
 from torch import Tensor
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, init_from_local_shards
@@ -257,6 +259,16 @@ def broadcast_object(obj: object, src: int = 0, group: dist.ProcessGroup | None 
     return box[0]
 
 
+def all_gather_object(obj: object, group: dist.ProcessGroup | None = None) -> list[object]:
+    """Every rank's (picklable) ``obj``, in rank order, on every rank."""
+    if world_size(group) == 1:
+        return [obj]
+    box: list[object] = [None] * world_size(group)
+    with _guard("all_gather_object", group):
+        dist.all_gather_object(box, obj, group=group)
+    return box
+
+
 # ---------------------------------------------------------------------------- data parallel
 def data_parallel(module: torch.nn.Module, device: torch.device, group: dist.ProcessGroup | None = None) -> torch.nn.Module:
     """``module`` under DistributedDataParallel when several ranks train, else ``module``
@@ -265,6 +277,74 @@ def data_parallel(module: torch.nn.Module, device: torch.device, group: dist.Pro
         return module
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, process_group=group)
+
+
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the batch of every rank, for devices torch's own
+    :class:`torch.nn.SyncBatchNorm` does not run on (CPU with gloo). The statistics are summed
+    across ranks with the differentiable all-reduce of :mod:`torch.distributed.nn`, whose
+    backward sums the gradient contributions alike, so each rank's result and gradient equal
+    those of one batch norm over the union of the ranks' batches. Two passes (the mean, then
+    the centred squares) keep the variance as exact as the local one. Same parameters and
+    buffers as the batch norm it replaces: checkpoints load into a plain model."""
+
+    def __init__(self, *args: Any, group: dist.ProcessGroup | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or world_size(self.group) == 1:
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
+        with _guard("sync batch norm (all_reduce)", self.group):
+            total = differentiable.all_reduce(torch.cat([x.sum(dims), count]), group=self.group or dist.group.WORLD)
+            n = total[-1]
+            mean = total[:-1] / n
+            centred = x - mean.view(shape)
+            var = differentiable.all_reduce((centred * centred).sum(dims), group=self.group or dist.group.WORLD) / n
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def sync_batch_norm(module: torch.nn.Module, device: torch.device, group: dist.ProcessGroup | None = None) -> torch.nn.Module:
+    """``module`` with every batch norm computing its statistics over all ranks' batches
+    (``--sync-bn``): torch's :class:`torch.nn.SyncBatchNorm` on CUDA, :class:`SyncBatchNorm`
+    elsewhere; unchanged in one process. Parameters and buffers are kept, not copied."""
+    if world_size(group) == 1:
+        return module
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, group)
+
+    def convert(m: torch.nn.Module) -> torch.nn.Module:
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, SyncBatchNorm):
+            new = SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, group=group)
+            for name in ("weight", "bias"):
+                if getattr(m, name, None) is not None:
+                    setattr(new, name, getattr(m, name))
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                if getattr(m, name, None) is not None:
+                    setattr(new, name, getattr(m, name))
+            new.train(m.training)
+            return new
+        for name, child in m.named_children():
+            m.add_module(name, convert(child))
+        return m
+
+    return convert(module)
 
 
 def no_sync(module: torch.nn.Module, sync: bool) -> AbstractContextManager:
@@ -283,6 +363,14 @@ def _first_line(err: BaseException) -> str:
     return line if len(line) <= 240 else line[:237] + "..."
 
 
+def _lost_rank(what: str, group: dist.ProcessGroup | None, err: BaseException) -> DistributedError:
+    timeout = f"{_timeout_s:g} s" if _timeout_s else "the process-group timeout"
+    return DistributedError(
+        f"{what} failed on rank {rank(group)} of {world_size(group)}: another rank exited or did "
+        f"not reach the same step within {timeout} ({_first_line(err)}); see the other ranks' logs"
+    )
+
+
 @contextmanager
 def _guard(what: str, group: dist.ProcessGroup | None) -> Iterator[None]:
     """Turn a backend failure into one clear line saying which rank and which call."""
@@ -291,11 +379,30 @@ def _guard(what: str, group: dist.ProcessGroup | None) -> Iterator[None]:
     except SncaError:
         raise
     except RuntimeError as err:  # DistBackendError, gloo timeouts and connection resets
-        timeout = f"{_timeout_s:g} s" if _timeout_s else "the process-group timeout"
-        raise DistributedError(
-            f"{what} failed on rank {rank(group)} of {world_size(group)}: another rank exited or did "
-            f"not reach the same step within {timeout} ({_first_line(err)}); see the other ranks' logs"
-        ) from err
+        raise _lost_rank(what, group, err) from err
+
+
+# What gloo and NCCL say when a peer is gone or late; DDP raises them as plain RuntimeErrors.
+_BACKEND_FAILURE = re.compile(r"gloo|nccl|timed out|timeout|connection (reset|closed|refused)|broken pipe|by peer", re.I)
+
+
+@contextmanager
+def collectives(what: str, group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """For code that runs collectives it does not call itself (DDP broadcasts buffers in the
+    forward pass and all-reduces gradients in the backward pass): a backend failure inside the
+    block becomes the same one-line :class:`DistributedError`, naming the rank and ``what``
+    (e.g. the step); other errors pass unchanged. Nothing to guard in one process."""
+    if world_size(group) == 1:
+        yield
+        return
+    try:
+        yield
+    except SncaError:
+        raise
+    except RuntimeError as err:
+        if not (isinstance(err, dist.DistError) or _BACKEND_FAILURE.search(str(err))):
+            raise
+        raise _lost_rank(what, group, err) from err
 
 
 def _comm_device(group: dist.ProcessGroup | None) -> torch.device:

@@ -29,7 +29,7 @@ from .data import (
     split_from_novel,
 )
 from .errors import SncaError
-from .features import extract, save_features
+from .features import check_output_file, extract, save_features
 from .protocols import fewshot_evaluate, knn_accuracy, retrieval_metrics
 from .runtime import resolve_device
 from .train.evaluation import Evaluator
@@ -79,21 +79,31 @@ def evaluate_run(checkpoint: str | Path, ks: Sequence[int] | None = None, sigma:
                             "use the dataset it was trained on")
     ev = Evaluator(run.model, resolve_device(device), num_classes, batch_size or cfg.eval.embed_batch_size,
                    cfg.data.workers if workers is None else workers, amp or cfg.run.amp, cfg.run.channels_last)
-    rows = []
+    rows, notes = [], []
+    sizes = {"memory": run.memory.num_samples if run.memory is not None else 0,
+             "recomputed": len(data["gallery"]) if "gallery" in data else 0}
+    for name in galleries:
+        if max(ks) > sizes[name]:  # a kNN vote cannot use more neighbours than the gallery holds
+            over = ", ".join(str(k) for k in ks if k > sizes[name])
+            notes.append(f"k {over} exceeds the {sizes[name]} images of the {name} gallery: capped to {sizes[name]}")
     for kind in kinds:
         test_f, test_y, _ = ev.embed(data["test"], kind)
         for name in galleries:
             if name == "memory" and kind != "embedding":
                 continue  # the memory holds embeddings only
             source = run.memory if name == "memory" else ev.embed(data["gallery"], kind)
-            for k, acc in ev.knn(test_f, test_y, source, ks, sigma).items():
-                rows.append({"gallery": name, "features": kind, "k": k, "sigma": sigma, **acc})
+            capped = {k: min(k, sizes[name]) for k in ks}
+            accs = ev.knn(test_f, test_y, source, sorted(set(capped.values())), sigma)
+            for k in ks:
+                row = {"gallery": name, "features": kind, "k": capped[k], "sigma": sigma, **accs[capped[k]]}
+                rows.append(row if capped[k] == k else {**row, "k_requested": k})
     return {
         "checkpoint": str(run.path), "dataset": cfg.data.dataset, "arch": cfg.model.arch, "loss": cfg.objective.loss,
         "num_queries": len(data["test"]),
         "num_gallery": {"memory": run.memory.num_samples if run.memory is not None else None,
                         "recomputed": len(data["gallery"]) if "gallery" in data else None},
         "results": rows,
+        "notes": notes,
     }
 
 
@@ -106,6 +116,7 @@ def extract_split(checkpoint: str | Path, out: str | Path, split: str = "test", 
         raise SncaError(f"unknown split {split!r}; use train or test")
     if subset is not None and split != "train":
         raise SncaError("--subset applies to the train split; the test split is embedded whole (use --test-subset with eval)")
+    check_output_file(out)
     device_t = resolve_device(device)
     run = load_run(checkpoint, device_t)
     cfg = with_data(run.config, dataset=dataset, data_dir=data_dir, subset=subset)

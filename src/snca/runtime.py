@@ -8,12 +8,43 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import SncaError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and torchrun send), raised where the program is so that
+    it stops as Ctrl-C stops it: the interrupted state is saved, the last checkpoint kept."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated` (once: a second SIGTERM while the
+    first is being handled is ignored, so the state being saved is not cut short). Outside the
+    main thread signals cannot be handled; the block then changes nothing."""
+    fired = False
+
+    def handler(signum: int, _frame: Any) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Terminated(f"terminated by {signal.Signals(signum).name}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -16,10 +16,13 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from .. import __version__
 from ..errors import SncaError
+from ..runtime import Terminated, sigterm_as_interrupt
 
 
 def _one_line(text: str) -> str:
@@ -50,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """Warnings as one line, ``snca: warning: ...``, without the source line Python adds."""
+    print(f"snca: warning: {_one_line(message)}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``snca`` and ``python -m snca``; returns the exit status."""
     parser = build_parser()
@@ -57,8 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    shown = warnings.showwarning
+    if not os.environ.get("SNCA_DEBUG"):
+        warnings.showwarning = _show_warning
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
+    except Terminated:
+        print("snca: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except SncaError as err:
         if os.environ.get("SNCA_DEBUG"):
             raise
@@ -73,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("snca: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from ..evaluate import evaluate_run
@@ -61,5 +62,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_run(args.checkpoint, ks=args.k, sigma=args.sigma, gallery=args.gallery, features=args.features,
                           dataset=args.dataset, data_dir=args.data_dir, test_subset=args.test_subset,
                           batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp)
+    for note in result["notes"]:
+        print(f"snca: note: {note}", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

@@ -14,7 +14,7 @@ from ..config import LEAVES, UNIQUE_LEAVES, dump_yaml, list_keys, parse_set
 from ..train import fit, resolve_config
 
 # Flags that store a fixed value instead of taking one (the rest take one value each).
-SWITCHES = {"channels_last": True, "deterministic": True, "tensorboard": True}
+SWITCHES = {"channels_last": True, "deterministic": True, "tensorboard": True, "download": True, "sync_bn": True}
 NEGATIONS = {"--no-progress": ("progress", "off"), "--no-plot": ("plot", False)}
 
 
@@ -67,4 +67,6 @@ def run(args: argparse.Namespace) -> int:
         print(dump_yaml(resolve_config(args.config, overrides, args.resume, args.run_dir)[0]), end="")
         return 0
     result = fit(recipe=args.config, overrides=overrides, run_dir=args.run_dir, resume=args.resume)
-    return 130 if result.interrupted else 0
+    if result.interrupted:
+        return 143 if result.stopped_by == "SIGTERM" else 130
+    return 0

@@ -32,6 +32,7 @@ def build_dataset(
     seed: int = 0,
     on_bad_image: str = "skip",
     coarse_map: str | os.PathLike | None = None,
+    download: bool = False,
 ) -> IndexedDataset:
     """Build dataset ``name`` (see the module docstring) for ``split`` ("train" or "test"/"val").
 
@@ -49,6 +50,9 @@ def build_dataset(
             their count (kept in ``num_bad_images``), "error" raises naming the first bad file,
             "trust" skips the check (fastest start on huge folders; a bad file then raises
             SncaError naming it when it is loaded).
+        download: fashion-mnist and mnist only: when the files are not found, download them
+            with torchvision into ``data_dir`` (created). Without it nothing is created or
+            downloaded: the error says where the files were looked for.
     """
     key = canonical_name(name)
     split_in = str(split).lower()
@@ -98,7 +102,7 @@ def build_dataset(
         if key == "mnist5k":
             images, labels = _load_mnist5k(split_key, root)
         else:
-            images, labels = _load_idx_dataset(key, split_key, root)
+            images, labels = _load_idx_dataset(key, split_key, root, download)
         classes = FASHION_MNIST_CLASSES if key == "fashion-mnist" else MNIST_CLASSES
         if label_set == "coarse":  # one grouping per dataset, fixed in snca.data.registry
             groups = COARSE_GROUPS if key == "fashion-mnist" else DIGIT_COARSE_GROUPS

@@ -87,8 +87,11 @@ def _download_torchvision(key: str, root: Path) -> None:
         cls(root=str(root), train=train, download=True)
 
 
-def _load_idx_dataset(key: str, split: str, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+def _load_idx_dataset(key: str, split: str, data_dir: Path | None, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
     tv_folder = "FashionMNIST" if key == "fashion-mnist" else "MNIST"
+    if data_dir is not None and not data_dir.exists() and not download:
+        raise SncaError(f"data dir {data_dir} does not exist (nothing is created or downloaded there unless asked): "
+                        f"pass the directory holding {tv_folder}/raw/*-ubyte.gz, or add --download to fetch {key} into it")
     candidates: list[Path] = []
     if data_dir is not None:
         candidates += [data_dir / tv_folder / "raw", data_dir]
@@ -102,7 +105,9 @@ def _load_idx_dataset(key: str, split: str, data_dir: Path | None) -> tuple[np.n
 
     pair = find()
     download_note = ""
-    if pair is None and data_dir is not None:
+    if pair is None and download:
+        if data_dir is None:
+            raise SncaError(f"--download needs --data-dir DIR: the directory to download {key} into")
         try:
             _download_torchvision(key, data_dir)
         except Exception as e:  # noqa: BLE001 - any failure means "not available", reported below
@@ -110,10 +115,11 @@ def _load_idx_dataset(key: str, split: str, data_dir: Path | None) -> tuple[np.n
         pair = find()
     if pair is None:
         looked = ", ".join(str(d) + ("" if d.exists() else " (missing)") for d in candidates)
+        fetch = "" if download else ", or add --download to fetch them into --data-dir"
         if key == "fashion-mnist":
-            how = "apt-get install dataset-fashion-mnist, or pass --data-dir DIR holding FashionMNIST/raw/*-ubyte.gz"
+            how = f"apt-get install dataset-fashion-mnist, or pass --data-dir DIR holding FashionMNIST/raw/*-ubyte.gz{fetch}"
         else:
-            how = "pass --data-dir DIR holding MNIST/raw/*-ubyte.gz (torchvision layout), or use dataset mnist5k"
+            how = f"pass --data-dir DIR holding MNIST/raw/*-ubyte.gz (torchvision layout){fetch}, or use dataset mnist5k"
         raise SncaError(f"{key} {split} files not found (looked in {looked}){download_note}: {how}")
     cache_key = ("idx", _file_key(pair[0]), _file_key(pair[1]))
     if cache_key not in _CACHE:

@@ -92,7 +92,7 @@ def run_datasets(cfg: Config, splits: tuple[str, ...] = SPLITS, facts: dict[str,
             d.dataset, "train" if from_train else "test", data_dir=d.data_dir,
             transform=build_transforms(d.dataset, train=name == "train", image_size=d.image_size),
             label_set=d.label_set, subset=d.subset if from_train else d.test_subset, seed=cfg.run.seed,
-            coarse_map=d.coarse_map,
+            coarse_map=d.coarse_map, download=d.download,
         )
         classes = list(dataset.classes)
         if not all_classes:

@@ -40,8 +40,9 @@ from ..checkpoint import (
 from ..config import Config, config_from_dict, dump_yaml, load_config
 from ..data import RunData, run_datasets
 from ..errors import SncaError
+from ..files import atomic_write, atomic_write_text, check_writable, write_error
 from ..models import build_model
-from ..runtime import resolve_device, seed_everything, set_deterministic
+from ..runtime import Terminated, resolve_device, seed_everything, set_deterministic
 from .trainer import NonFiniteLossError, Trainer
 
 Log = Callable[[str], None]
@@ -57,6 +58,7 @@ class Run:
     data: RunData
     final: dict[str, Any] | None  # None when interrupted
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    stopped_by: str | None = None  # "interrupt" (Ctrl-C) or "SIGTERM" when the run was stopped
 
     @property
     def model(self) -> torch.nn.Module:
@@ -122,8 +124,11 @@ def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _append(path: Path, record: dict[str, Any], kind: str = "epoch") -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(_jsonable({"kind": kind, **record})) + "\n")
+    try:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(_jsonable({"kind": kind, **record})) + "\n")
+    except OSError as err:  # the checkpoints are written before the log: they are intact
+        raise write_error(path, err) from None
 
 
 def plot_curves(path: Path, records: list[dict[str, Any]], final: dict[str, Any] | None, title: str) -> None:
@@ -153,10 +158,10 @@ def plot_curves(path: Path, records: list[dict[str, Any]], final: dict[str, Any]
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _pct(x: float | None) -> str:
@@ -207,10 +212,12 @@ def _fit(cfg: Config, info: sd.DistInfo, run_dir: str | Path | None, resume_path
     set_deterministic(cfg.run.deterministic)
     if cfg.run.amp == "fp16" and device.type == "cpu":
         log("note: fp16 autocast on CPU is slow and rarely useful; bf16 is the CPU choice")
-    state = load_checkpoint(resume_path, (info.rank, info.world_size)) if resume_path is not None else None
-
-    # Every rank decides on the same files; rank 0's choice of name is the one used.
+    # Every rank decides on the same files; rank 0's choice of name is the one used. Every rank
+    # writes there (its memory shard), so every rank checks it can, before any work.
     run_path = Path(sd.broadcast_object(str(_run_path(cfg, run_dir, resume_path)))) if write else None
+    if run_path is not None:
+        check_writable(run_path, "run directory", is_dir=True)
+    state = load_checkpoint(resume_path, (info.rank, info.world_size)) if resume_path is not None else None
     if resume_requested and resume_path is None:
         log(f"no checkpoint to resume from for run {cfg.run_name!r}; starting a new run")
 
@@ -246,18 +253,22 @@ def _fit(cfg: Config, info: sd.DistInfo, run_dir: str | Path | None, resume_path
     except NonFiniteLossError as err:
         kept = f"the last good checkpoint is {last} (epoch {trainer.epoch})" if last and last.exists() else "no checkpoint was written"
         raise SncaError(f"{err}; {kept}") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt (the CLI)
+        stopped_by = "SIGTERM" if isinstance(err, Terminated) else "interrupt"
         # Several ranks stop at different steps: no consistent mid-epoch state to save.
+        saved = ""
         if write and trainer.step_in_epoch > 0 and info.world_size == 1:
             save_checkpoint(run_path / "interrupted.pt", {**trainer.state_dict(mid_epoch=True), "facts": data.facts()})
+            saved = f"; the state at the interrupt is in {run_path / 'interrupted.pt'} (for eval, not resume)"
         if main:
             held = (f"{last} holds epoch {trainer.epoch}; resume with: snca train --resume {last}"
-                    if last and last.exists() else "no epoch completed yet")
-            print(f"snca: interrupted in epoch {trainer.epoch + 1} (step {trainer.step_in_epoch}/{trainer.steps_per_epoch}); {held}",
-                  file=sys.stderr)
+                    if last and last.exists() and trainer.epoch > 0 else "no epoch completed yet, nothing to resume")
+            what = "terminated (SIGTERM)" if stopped_by == "SIGTERM" else "interrupted"
+            print(f"snca: {what} in epoch {trainer.epoch + 1} (step {trainer.step_in_epoch}/{trainer.steps_per_epoch}); "
+                  f"{held}{saved}", file=sys.stderr)
         if writer is not None:
             writer.close()
-        return Run(cfg, run_path, trainer, data, None, trainer.metrics)
+        return Run(cfg, run_path, trainer, data, None, trainer.metrics, stopped_by)
 
     final = trainer.final_evaluation(data["test"], data["gallery"])  # every rank: each embeds its share
     final["wall_time_s"] = time.perf_counter() - wall_start
@@ -307,7 +318,7 @@ class _Outputs:
     def __init__(self, run_path: Path, cfg: Config, metrics: list[dict[str, Any]], log: Log) -> None:
         self.path, self.cfg = run_path, cfg
         run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "config.yaml").write_text(dump_yaml(cfg))
+        atomic_write_text(run_path / "config.yaml", dump_yaml(cfg))
         self.metrics_path = run_path / "metrics.jsonl"
         # A resumed run restarts its log at the checkpoint.
         self.metrics_path.write_text("".join(json.dumps(_jsonable({"kind": "epoch", **r})) + "\n" for r in metrics))
@@ -333,7 +344,7 @@ class _Outputs:
 
     def finish(self, final: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
         _append(self.metrics_path, final, kind="final")
-        (self.path / "final.json").write_text(json.dumps(_jsonable(final), indent=2) + "\n")
+        atomic_write_text(self.path / "final.json", json.dumps(_jsonable(final), indent=2) + "\n")
         if self.tb is not None:
             for key, value in final.items():
                 if key.endswith(("_top1", "_top5")) and value is not None:

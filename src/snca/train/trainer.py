@@ -52,6 +52,30 @@ def lr_at(optim: Any, epoch: float) -> float:
     return float(lr)
 
 
+def check_training_labels(targets: Tensor, class_names: list[str] | None = None) -> None:
+    """Refuse a training set with nothing to learn: fewer than two classes, or no class with
+    two images (NCA pulls an image towards the other images of its class); warn when some
+    classes hold a single image (it has no neighbour to be pulled to)."""
+    counts = torch.bincount(torch.as_tensor(targets).long().flatten())
+    present = counts.nonzero().flatten()
+
+    def name(c: int) -> str:
+        return repr(class_names[c]) if class_names and c < len(class_names) else str(c)
+
+    if len(present) < 2:
+        only = f" (class {name(int(present[0]))}, {int(counts[present[0]])} images)" if len(present) else ""
+        raise SncaError(f"the training set has {len(present)} class{'es' if len(present) != 1 else ''}{only}: there is nothing "
+                        "to tell apart; train on at least two classes (check --data-dir, --subset, the class split)")
+    if int(counts.max()) < 2:
+        raise SncaError(f"no class of the training set has two images ({int(counts.sum())} images, {len(present)} classes): "
+                        "NCA learns from same-class neighbours; use a larger --subset (at least two images per class)")
+    single = (counts == 1).nonzero().flatten().tolist()
+    if single:
+        shown = ", ".join(name(c) for c in single[:5]) + (", ..." if len(single) > 5 else "")
+        warnings.warn(f"{len(single)} class(es) of the training set hold a single image ({shown}): those images have no "
+                      "same-class neighbour to learn from", stacklevel=2)
+
+
 class Trainer:
     """``train_epoch`` / ``validate`` / ``final_evaluation`` return metric dicts; ``state_dict``
     is the checkpoint's content. With several ranks every method is a collective."""
@@ -60,6 +84,7 @@ class Trainer:
                  num_classes: int | None = None) -> None:
         self.cfg, self.device, self.train_set = cfg, torch.device(device), train_set
         targets = torch.as_tensor(train_set.targets).long()
+        check_training_labels(targets, list(getattr(train_set, "classes", None) or []))
         self.num_classes = int(num_classes or getattr(train_set, "num_classes", 0) or int(targets.max()) + 1)
         self.model = model.to(self.device)
         if cfg.run.channels_last:
@@ -69,6 +94,8 @@ class Trainer:
         if rest:
             raise SncaError(f"batch_size {cfg.optim.batch_size} is not divisible by the {self.world} ranks; pick a multiple "
                             f"of {self.world} (each rank loads batch_size / {self.world} images per step)")
+        if cfg.model.sync_bn:
+            self.model = sd.sync_batch_norm(self.model, self.device)
         self.objective = build_objective(cfg, targets, self.num_classes, self.device)
         self.net = sd.data_parallel(self.objective.network(self.model), self.device)
         o = cfg.optim
@@ -152,7 +179,8 @@ class Trainer:
         start, loss_sum, seen = time.perf_counter(), 0.0, 0
         self.step_in_epoch = 0
         for group in self._groups():
-            batch_loss, n = self.train_step(group)
+            with sd.collectives(f"training step {self.step_in_epoch + 1}/{self.steps_per_epoch} of epoch {self.epoch + 1}"):
+                batch_loss, n = self.train_step(group)
             loss_sum, seen = loss_sum + batch_loss, seen + n
             self.step_in_epoch += 1
             if on_step is not None:  # images/s of all ranks (each loads the same number per step)

@@ -184,8 +184,29 @@ def worker_main(scenario: str, outdir: Path) -> None:
                 os._exit(3)  # dies mid-step, without leaving the group
             time.sleep(600)  # alive but never reaches the next collective
         sd.nca_loss_sharded(x, idx, bank, T, update_memory=True)
+    elif scenario == "syncbn":
+        x_all, upstream, bn = sync_bn_problem()
+        share = slice(me * len(x_all) // world, (me + 1) * len(x_all) // world)
+        net = sd.sync_batch_norm(torch.nn.Sequential(bn), torch.device("cpu"))
+        record["converted"] = type(net[0]).__name__
+        for _ in range(2):  # two steps: the running statistics accumulate
+            x = x_all[share].clone().requires_grad_()
+            (net(x) * upstream[share]).sum().backward()
+        record.update(y=net(x_all[share]).detach(), x_grad=x.grad, weight_grad=bn.weight.grad / 2, bias_grad=bn.bias.grad / 2,
+                      running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone())
     torch.save(record, outdir / f"{scenario}_rank{me}.pt")
     sd.cleanup()
+
+
+def sync_bn_problem() -> tuple[torch.Tensor, torch.Tensor, torch.nn.BatchNorm2d]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(12, 3, 4, 4, generator=g) * 3 + 1
+    upstream = torch.randn(12, 3, 4, 4, generator=g)
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(3, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(3, generator=g))
+    return x, upstream, bn
 
 
 # ---------------------------------------------------------------------------- launching
@@ -432,6 +453,27 @@ def test_a_lost_rank_fails_the_job_with_a_clear_message(tmp_path, scenario):
     assert elapsed < 60, elapsed
     if scenario == "die":
         assert code1 == 3
+
+
+def test_sync_batch_norm_over_ranks_is_batch_norm_over_the_union(tmp_path):
+    """``--sync-bn`` on CPU/gloo: each of 3 ranks normalises its 4 images with the statistics of
+    all 12; outputs, input gradients, the (summed) parameter gradients and the running
+    statistics equal one nn.BatchNorm2d over the 12 images, to float precision."""
+    ranks = launch("syncbn", 3, tmp_path)
+    x_all, upstream, bn = sync_bn_problem()
+    for _ in range(2):
+        x = x_all.clone().requires_grad_()
+        (bn(x) * upstream).sum().backward()
+    y = bn(x_all).detach()  # training mode, as the ranks computed it
+    assert all(r["converted"] == "SyncBatchNorm" for r in ranks)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x.grad, atol=1e-5, rtol=1e-5)
+    # Each rank's loss is its share of the sum: the ranks' parameter gradients add up to the whole's.
+    torch.testing.assert_close(sum(r["weight_grad"] for r in ranks), bn.weight.grad / 2, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sum(r["bias_grad"] for r in ranks), bn.bias.grad / 2, atol=1e-4, rtol=1e-5)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"], bn.running_mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r["running_var"], bn.running_var, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- single process

@@ -45,7 +45,7 @@ from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shard
 from . import distributed as sd
 from .config import Config, config_from_dict
 from .errors import SncaError
-from .files import OutputError, atomic_path, is_write_failure, write_error
+from .files import OutputError, atomic_path, is_write_failure, replace_path, write_error
 from .memory import MemoryBank, shard_range
 from .models import build_model
 
@@ -181,26 +181,9 @@ def save_run_checkpoint(path: str | os.PathLike, state: dict[str, Any], memory: 
             shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(failed)
     if sd.is_main():
-        _put(tmp, path)
+        replace_path(tmp, path)
     sd.barrier()
     return path
-
-
-def _put(new: Path, path: Path) -> None:
-    """Rename ``new`` (a file or a sharded directory) to ``path``, replacing what is there
-    (either layout: a run resumed on another number of ranks changes it); a previous directory
-    is removed only after the rename."""
-    if not path.is_dir() and not new.is_dir():
-        os.replace(new, path)  # atomic
-        return
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.is_dir():
-        path.rename(old)
-    elif path.exists():
-        path.unlink()
-    new.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def link_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -222,7 +205,7 @@ def link_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copytree(src, tmp, copy_function=link)
     else:
         link(str(src), str(tmp))
-    _put(tmp, dst)
+    replace_path(tmp, dst)
 
 
 # ---------------------------------------------------------------------- reading

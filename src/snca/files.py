@@ -126,6 +126,23 @@ def check_writable(path: str | os.PathLike, what: str = "output", is_dir: bool =
     return path
 
 
+def replace_path(new: Path, path: Path) -> None:
+    """Rename ``new`` (a file or a sharded directory) to ``path``, replacing what is there
+    (either layout: a run resumed on another number of ranks changes it); a previous directory
+    is removed only after the rename."""
+    if not path.is_dir() and not new.is_dir():
+        os.replace(new, path)  # atomic
+        return
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.is_dir():
+        path.rename(old)
+    elif path.exists():
+        path.unlink()
+    new.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside ``path``: write it inside the block; on success it replaces
@@ -145,7 +162,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_path(tmp, path)
     except BaseException as err:
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)

@@ -73,7 +73,7 @@ def run_cli_in_child(argvs: list[list[str]], mount: str = "", timeout: float = 1
 
 
 # ---------------------------------------------------------------------- 1. unwritable outputs
-def test_unwritable_outputs_are_refused_before_any_work(tmp_path, trained, capsys):
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, trained, capsys, monkeypatch):
     """train, extract, index build and neighbors on a read-only directory: one line naming the
     location, from the check made before data or models are loaded (not from a failed write)."""
     ro = tmp_path / "ro"
@@ -92,8 +92,20 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, trained, capsy
         results = [run_cli(capsys, *argv)[::2] for argv in argvs]
         ro.chmod(0o755)
         cause = "permission denied"
-    else:  # pragma: no cover - root without mount namespaces cannot make a directory read-only
-        pytest.fail("cannot make a read-only directory here: run as a non-root user or allow unshare -m")
+    else:  # root without mount namespaces: every file created under ro fails as on a read-only mount
+        import snca.files
+
+        real_mkstemp = snca.files.tempfile.mkstemp
+
+        def read_only_mkstemp(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's name
+            if dir is not None and Path(dir).resolve().is_relative_to(ro.resolve()):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(snca.files.tempfile, "mkstemp", read_only_mkstemp)
+        results = [run_cli(capsys, *argv)[::2] for argv in argvs]
+        monkeypatch.undo()
+        cause = "read-only"
     for code, err in results:
         assert_one_line_error(code, err, "cannot write the", str(ro), cause)
     assert list(ro.iterdir()) == []

@@ -2,6 +2,7 @@
 vs pytorch-metric-learning's NCALoss, at ImageNet and CIFAR scale.
 
     python benchmarks/nca_step.py --scale both --device cpu --repeats 3
+    python benchmarks/nca_step.py --scale imagenet --impls snca,naive --contend 1   # slowdown on a busy CPU
 
 Each implementation runs in its own subprocess, so each peak-memory figure is that
 implementation's alone. Every implementation sees the same memory, labels, batches and indices
@@ -207,6 +208,28 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- driver
+def _spin() -> None:  # pragma: no cover - a busy process for --contend
+    x = 1.0
+    while True:
+        x = x * 1.0000001 + 1e-9
+
+
+def start_contenders(n: int) -> list:
+    """``n`` single-threaded busy processes: the other jobs of a shared machine."""
+    import multiprocessing
+
+    procs = [multiprocessing.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    return procs
+
+
+def stop_contenders(procs: list) -> None:
+    for proc in procs:
+        proc.kill()
+        proc.join()
+
+
 def worker_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     if args.omp_wait_policy != "inherit":
@@ -275,34 +298,54 @@ def run_scale(scale: str, args: argparse.Namespace, tmp: str) -> None:
                 "impl": impl, "device": args.device, "scale": scale, **cfg,
                 "skipped": f"estimated peak {est:.1f} GB > {free:.1f} GB available - 1 GB margin",
             })
+    # Each implementation quiet, then with --contend busy processes (in the same round): its
+    # slowdown under contention is the ratio of the two.
+    loads = [0, args.contend] if args.contend else [0]
+    contended: dict[str, list[dict]] = {}
     for _ in range(args.rounds):  # implementations interleaved round by round
         for impl, est in runnable:
-            out = os.path.join(tmp, f"{scale}_{impl}.pt")
-            worker_args = [
-                "--worker", "--impl", impl, "--scale", scale, "--device", args.device,
-                "--repeats", str(args.repeats), "--seed", str(args.seed),
-                "--num-samples", str(cfg["num_samples"]), "--num-classes", str(cfg["num_classes"]),
-                "--batch-size", str(args.batch_size), "--dim", str(args.dim),
-                "--temperature", str(args.temperature), "--momentum", str(args.momentum), "--out", out,
-            ]
-            if args.chunk_size:
-                worker_args += ["--chunk-size", str(args.chunk_size)]
-            for rec in run_worker(os.path.abspath(__file__), worker_args, env=worker_env(args)):
-                rec = {"impl": impl, "device": args.device, "scale": scale, **cfg, **rec}
-                rec["estimated_peak_gb"] = round(est, 2)
-                if "loss" in rec:
-                    rounds.setdefault(impl, []).append(rec)
-                else:
-                    emit(rec)  # an error record
-            if os.path.exists(out):
-                tensors.setdefault(impl, torch.load(out))
-                os.remove(out)
+            for load in loads:
+                out = os.path.join(tmp, f"{scale}_{impl}.pt")
+                worker_args = [
+                    "--worker", "--impl", impl, "--scale", scale, "--device", args.device,
+                    "--repeats", str(args.repeats), "--seed", str(args.seed),
+                    "--num-samples", str(cfg["num_samples"]), "--num-classes", str(cfg["num_classes"]),
+                    "--batch-size", str(args.batch_size), "--dim", str(args.dim),
+                    "--temperature", str(args.temperature), "--momentum", str(args.momentum), "--out", out,
+                ]
+                if args.chunk_size:
+                    worker_args += ["--chunk-size", str(args.chunk_size)]
+                busy = start_contenders(load)
+                try:
+                    recs = run_worker(os.path.abspath(__file__), worker_args, env=worker_env(args))
+                finally:
+                    stop_contenders(busy)
+                for rec in recs:
+                    rec = {"impl": impl, "device": args.device, "scale": scale, **cfg, **rec, "contenders": load}
+                    rec["estimated_peak_gb"] = round(est, 2)
+                    if "loss" in rec:
+                        (contended if load else rounds).setdefault(impl, []).append(rec)
+                    else:
+                        emit(rec)  # an error record
+                if os.path.exists(out):
+                    tensors.setdefault(impl, torch.load(out))
+                    os.remove(out)
     for impl, _ in runnable:
         if impl in rounds:
             records[impl] = merge_rounds(rounds[impl], "step_s", "step_times_s")
             emit(records[impl])
 
+    slowdown: dict[str, float] = {}
+    for impl, recs in contended.items():
+        merged = merge_rounds(recs, "step_s", "step_times_s")
+        emit(merged)
+        if impl in records:
+            slowdown[impl] = merged["step_s"] / records[impl]["step_s"]
+
     summary: dict[str, Any] = {"summary": "nca_step", "scale": scale, "device": args.device, **cfg}
+    if args.contend:
+        summary["contenders"] = args.contend
+        summary.update({f"slowdown_{impl}": v for impl, v in slowdown.items()})
     snca_rec, naive_rec, pml_rec = (records.get(k) for k in IMPLS)
     if snca_rec:
         summary["snca_step_s"] = snca_rec["step_s"]
@@ -325,6 +368,8 @@ def run_scale(scale: str, args: argparse.Namespace, tmp: str) -> None:
         targets[f"snca_peak<=bank+{limit}GB"] = summary["snca_peak_minus_bank_gb"] <= limit
     if snca_rec and naive_rec and not cuda and scale == "imagenet":
         targets["speedup_vs_naive>=2.5"] = summary["speedup_vs_naive"] >= 2.5
+    if "snca" in slowdown and "naive" in slowdown:
+        targets[f"snca_slowdown<=naive_slowdown(contend={args.contend})"] = slowdown["snca"] <= slowdown["naive"]
     summary["targets_met"] = targets
     summary["all_targets_met"] = bool(targets) and all(targets.values()) and summary["losses_agree_1e-4"]
     emit(summary)
@@ -350,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         help="OMP_WAIT_POLICY for the workers; 'passive' keeps idle OpenMP threads from spinning, "
         "which matters on a CPU shared with other busy processes",
     )
+    p.add_argument("--contend", type=int, default=0, metavar="N",
+                   help="also time each implementation with N busy processes running, and report the slowdowns")
     # internal: run one implementation in this process
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)

@@ -49,6 +49,8 @@ class DataConfig:
     label_set: str = _f("fine", "fine | coarse (train on coarse labels: sub-category discovery)")
     subset: int | None = _f(None, "train on a class-stratified subset of N images")
     test_subset: int | None = _f(None, "evaluate on a class-stratified subset of N test images")
+    holdout: int | None = _f(None, "validation: hold N training images out (class-stratified, the same for every seed) and "
+                                   "evaluate on them instead of the test set; tune with it, never on the test set")
     image_size: int | None = _f(None, "input size (default: the dataset's)")
     novel_classes: list[str] | None = _f(None, "few-shot: hold these classes (names or ids) out of training")
     split_file: str | None = _f(None, "few-shot: train on the [base] classes of this class-split file only")
@@ -292,6 +294,8 @@ def validate(cfg: Config) -> Config:
     need(r.threads is None or r.threads >= 1, f"threads must be >= 1, got {r.threads}")
     need(d.subset is None or d.subset >= 2, f"subset must be >= 2, got {d.subset}")
     need(d.test_subset is None or d.test_subset >= 1, f"test_subset must be >= 1, got {d.test_subset}")
+    need(d.holdout is None or d.holdout >= 1, f"holdout must be >= 1, got {d.holdout}")
+    need(d.holdout is None or d.test_subset is None, "holdout replaces the test set: drop test_subset")
     need(d.image_size is None or d.image_size >= 1, f"image_size must be >= 1, got {d.image_size}")
     need(p.nesterov is False or p.momentum > 0, "nesterov needs momentum > 0; pass --set nesterov=false")
     need(not (d.novel_classes and d.split_file), "give either novel_classes or split_file, not both")

@@ -1,9 +1,10 @@
 """The datasets of a training run: the one place a config becomes datasets.
 
 Applies, in this order, the dataset and its label set (fine or coarse), the class-stratified
-subset, and the run's few-shot class split (base classes only, labels renumbered 0..B-1); the
-training split gets the training transforms, the gallery (the training images) and the test
-split the test transforms. Every command that reopens a run's data (eval, predict, index,
+subset, the validation holdout (``data.holdout``: N training images become the "test" split,
+the rest train; the real test set is not opened), and the run's few-shot class split (base
+classes only, labels renumbered 0..B-1); the training split gets the training transforms, the
+gallery (the training images) and the test split the test transforms. Every command that reopens a run's data (eval, predict, index,
 neighbors, the protocols) comes through here, so they all see the run's classes and names.
 """
 
@@ -16,7 +17,15 @@ from ..config import Config
 from ..errors import SncaError
 from .build import build_dataset
 from .registry import dataset_info
-from .splits import ResolvedSplit, class_subset, read_split_file, resolve_split, split_from_novel
+from .splits import (
+    ResolvedSplit,
+    RowSubset,
+    class_subset,
+    holdout_rows,
+    read_split_file,
+    resolve_split,
+    split_from_novel,
+)
 from .transforms import build_transforms
 
 SPLITS = ("train", "gallery", "test")  # train: training transforms; gallery, test: test transforms
@@ -87,13 +96,18 @@ def run_datasets(cfg: Config, splits: tuple[str, ...] = SPLITS, facts: dict[str,
     out: dict[str, Any] = {}
     split, classes = None, None
     for name in splits:
-        from_train = name in ("train", "gallery")
+        from_train = name in ("train", "gallery") or d.holdout is not None
         dataset = build_dataset(
             d.dataset, "train" if from_train else "test", data_dir=d.data_dir,
             transform=build_transforms(d.dataset, train=name == "train", image_size=d.image_size),
             label_set=d.label_set, subset=d.subset if from_train else d.test_subset, seed=cfg.run.seed,
             coarse_map=d.coarse_map, download=d.download,
         )
+        if d.holdout is not None:
+            if d.holdout >= len(dataset):
+                raise SncaError(f"holdout {d.holdout} leaves no training image (the training set has {len(dataset)})")
+            kept, held = holdout_rows(dataset.targets, d.holdout)
+            dataset = RowSubset(dataset, held if name == "test" else kept)
         classes = list(dataset.classes)
         if not all_classes:
             split = split or run_class_split(cfg, classes, facts)

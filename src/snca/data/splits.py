@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import SncaError
+from .datasets import stratified_subset
 
 SECTION_ALIASES = {"base": "base", "train": "base", "val": "val", "novel": "novel", "test": "novel"}
 # Attributes a dataset wrapper passes through to the dataset it wraps.
 FORWARDED_ATTRIBUTES = frozenset({"name", "split", "in_chans", "transform", "label_set", "root"})
+HOLDOUT_SEED = 20180908  # the validation split's draw (data.holdout): fixed, the same for every run
 
 
 # --------------------------------------------------------------------------- class splits
@@ -206,6 +209,33 @@ class ClassSubset(Dataset):
         if name in FORWARDED_ATTRIBUTES and inner is not None:
             return getattr(inner, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+
+class RowSubset(ClassSubset):
+    """Some rows of an indexed dataset (``rows``: indices into it), labels and classes kept,
+    indices renumbered 0..n-1 (a validation split carved out of the training images)."""
+
+    def __init__(self, dataset: Any, rows: Tensor):
+        targets = torch.as_tensor(dataset.targets).long()
+        self.dataset = dataset
+        self.class_ids = list(range(len(dataset.classes)))
+        self.source_indices = torch.as_tensor(rows).long()
+        self.targets = targets[self.source_indices]
+        self.classes = list(dataset.classes)
+        self.num_classes = len(self.classes)
+        fine = torch.as_tensor(getattr(dataset, "fine_targets", targets)).long()
+        self.fine_targets = fine[self.source_indices]
+        self.fine_classes = list(getattr(dataset, "fine_classes", self.classes))
+
+
+def holdout_rows(targets: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(kept, held out): a class-stratified split of ``targets`` holding out ``n`` rows, drawn
+    with :data:`HOLDOUT_SEED` whatever the run's seed, so that runs of every seed (and both
+    losses) are tuned on the same images."""
+    held = stratified_subset(torch.as_tensor(targets).long(), n, HOLDOUT_SEED)
+    mask = torch.ones(len(targets), dtype=torch.bool)
+    mask[held] = False
+    return mask.nonzero().flatten(), held
 
 
 def class_subset(dataset: Any, classes: Sequence[str | int]) -> ClassSubset:

@@ -230,7 +230,9 @@ def _fit(cfg: Config, info: sd.DistInfo, run_dir: str | Path | None, resume_path
         del state
     writer = _Outputs(run_path, cfg, trainer.metrics, log) if write and main else None
 
-    what = f"{cfg.objective.loss} on {cfg.data.dataset} ({len(data['train'])} train / {len(data['test'])} test images), {cfg.model.arch}, device {device}"
+    evaluated = "held-out validation" if cfg.data.holdout else "test"
+    what = (f"{cfg.objective.loss} on {cfg.data.dataset} ({len(data['train'])} train / {len(data['test'])} {evaluated} images), "
+            f"{cfg.model.arch}, device {device}")
     if info.world_size > 1:
         what += f" x {info.world_size} ranks ({info.backend}, {cfg.optim.batch_size // info.world_size} images per rank per step)"
     if data.class_split:

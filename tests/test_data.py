@@ -562,3 +562,29 @@ def test_digit_coarse_labels_nest_the_fine_ones():
         for digit in members:
             assert bool((coarse.targets[fine.targets == int(digit)] == cid).all())
     assert sorted(d for m in DIGIT_COARSE_GROUPS.values() for d in m) == [str(i) for i in range(10)]
+
+
+def test_holdout_is_a_fixed_stratified_validation_split_of_the_training_images():
+    from snca.config import load_config
+    from snca.data import run_datasets
+
+    def split(seed: int):
+        cfg = load_config("fashion-mnist", {"dataset": "mnist5k", "holdout": 400, "seed": seed})
+        return run_datasets(cfg)
+
+    a, b = split(0), split(3)
+    train, val = a["train"], a["test"]
+    assert (len(train), len(a["gallery"]), len(val)) == (3600, 3600, 400)
+    # disjoint, together the whole training split, from the training images (not the test set)
+    rows = torch.cat([train.source_indices, val.source_indices]).sort().values
+    assert torch.equal(rows, torch.arange(4000))
+    full = build_dataset("mnist5k", "train")
+    assert torch.equal(val.targets, full.targets[val.source_indices])
+    x, y, i = val[5]
+    assert torch.equal(x, full[int(val.source_indices[5])][0]) and y == int(val.targets[5]) and i == 5
+    # class-stratified and the same images whatever the run's seed
+    assert torch.bincount(val.targets).tolist() == torch.bincount(full.targets[val.source_indices]).tolist()
+    assert (torch.bincount(val.targets, minlength=10) - 40).abs().max() <= 2
+    assert torch.equal(val.source_indices, b["test"].source_indices)
+    with pytest.raises(SncaError, match="holdout replaces the test set"):
+        load_config("fashion-mnist", {"holdout": 10, "test_subset": 10})

@@ -94,43 +94,39 @@ def _search_block(
 ) -> tuple[Tensor, Tensor]:
     """Running top-k of one query block over the whole gallery, sorted by decreasing similarity.
 
-    Each gallery block's similarities are computed gallery-major, ``block @ queries.T`` (a
-    (block, Q) matrix): on CPU this orientation of the same product runs faster than
-    ``queries @ block.T`` (docs/benchmarks.md#knn). Once k candidates are held, a block only
-    matters where it beats a query's current k-th similarity, which after the first blocks is a
-    handful of entries: those are gathered with one comparison and merged, instead of a top-k
-    over every block.
+    Once k candidates are held, a gallery block only matters where it beats a query's current
+    k-th similarity, which after the first blocks is a handful of entries: those are gathered
+    with one comparison and merged, instead of a top-k over every block.
     """
-    num_g, num_q = gallery.shape[0], q.shape[0]
+    num_g = gallery.shape[0]
     best_s: Tensor | None = None
     best_i: Tensor | None = None
-    q_t = q.t().contiguous()
     # One similarity buffer for all blocks (a fresh multi-MB tensor per block costs page faults).
-    buffer = torch.empty(num_q * min(gallery_block, num_g), dtype=dtype, device=q.device)
+    buffer = torch.empty(q.shape[0] * min(gallery_block, num_g), dtype=dtype, device=q.device)
     for ga in range(0, num_g, gallery_block):
         g = gallery[ga : ga + gallery_block].to(dtype)
-        sims = torch.mm(g, q_t, out=buffer[: num_q * g.shape[0]].view(g.shape[0], num_q))  # (block, Q)
+        sims = torch.mm(q, g.t(), out=buffer[: q.shape[0] * g.shape[0]].view(q.shape[0], g.shape[0]))
         if excl is not None:
             local = excl - ga
             hit = (local >= 0) & (local < g.shape[0])
             if bool(hit.any()):
-                sims[local[hit], torch.nonzero(hit).flatten()] = -torch.inf
+                sims[torch.nonzero(hit).flatten(), local[hit]] = -torch.inf
         if best_s is None or best_i is None or best_s.shape[1] < k:
             # Fewer than k held so far: plain top-k of the block, merged with what is held.
-            kk = min(k, sims.shape[0])
-            s, i = sims.max(dim=0, keepdim=True) if kk == 1 else sims.topk(kk, dim=0)
-            s, i = s.t(), i.t() + ga
+            kk = min(k, sims.shape[1])
+            s, i = sims.max(dim=1, keepdim=True) if kk == 1 else sims.topk(kk, dim=1)
+            i = i + ga
             if best_s is None or best_i is None:
-                best_s, best_i = s.contiguous(), i.contiguous()
+                best_s, best_i = s, i
             else:
                 best_s, best_i = _merge(best_s, best_i, s, i, k)
             continue
-        rows, cols, values = _beating(sims, best_s[:, -1])
+        rows, cols, values = _beating(sims, best_s[:, -1:])
         if rows.numel() == 0:
             continue
         # Lay the candidates out as a (queries with candidates x most candidates of any query)
         # matrix, padded with -inf, and merge it with those queries' held top-k.
-        counts = torch.bincount(rows, minlength=num_q)
+        counts = torch.bincount(rows, minlength=q.shape[0])
         width = int(counts.max())
         rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
         hit_rows = torch.nonzero(counts).flatten()
@@ -146,22 +142,22 @@ def _search_block(
 
 
 def _beating(sims: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(query rows, gallery columns, values) of the entries of the gallery-major block ``sims``
-    (block, Q) above each query's ``threshold`` (Q,), grouped by query, ascending. Runs of
-    SUB_BLOCK gallery rows are screened by their maxima first (one read of the block, no mask
-    of its size); only the few (run, query) pairs that beat the threshold are searched."""
-    width, num_q = sims.shape
+    """(rows, columns, values) of the entries of ``sims`` above each row's ``threshold``,
+    rows ascending. Runs of SUB_BLOCK columns are screened by their maxima first (one read of
+    the block, no B x block mask); only the few runs that beat the threshold are searched."""
+    num_q, width = sims.shape
     if width % SUB_BLOCK:
-        cols, rows = torch.nonzero(sims > threshold[None, :], as_tuple=True)
-    else:
-        runs = sims.view(width // SUB_BLOCK, SUB_BLOCK, num_q)
-        run_idx, run_q = torch.nonzero(runs.amax(dim=1) > threshold[None, :], as_tuple=True)
-        lanes = runs[run_idx, :, run_q]  # (pairs, SUB_BLOCK): the runs that matter
-        hit, lane = torch.nonzero(lanes > threshold[run_q][:, None], as_tuple=True)
-        cols, rows = run_idx[hit] * SUB_BLOCK + lane, run_q[hit]
-    order = torch.argsort(rows, stable=True)
-    rows, cols = rows[order], cols[order]
-    return rows, cols, sims[cols, rows]
+        rows, cols = torch.nonzero(sims > threshold, as_tuple=True)
+        return rows, cols, sims[rows, cols]
+    runs_per_row = width // SUB_BLOCK
+    run_max = sims.view(num_q, runs_per_row, SUB_BLOCK).amax(dim=2)
+    flat_runs = torch.nonzero((run_max > threshold).view(-1)).flatten()
+    # Whole runs are copied as rows (index_select), far cheaper than an element-wise gather.
+    values = sims.view(-1, SUB_BLOCK).index_select(0, flat_runs)
+    run_rows = torch.div(flat_runs, runs_per_row, rounding_mode="floor")
+    hit_run, hit_lane = torch.nonzero(values > threshold[run_rows], as_tuple=True)
+    cols = (flat_runs[hit_run] - run_rows[hit_run] * runs_per_row) * SUB_BLOCK + hit_lane
+    return run_rows[hit_run], cols, values[hit_run, hit_lane]
 
 
 def _merge(best_s: Tensor, best_i: Tensor, s: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:

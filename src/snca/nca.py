@@ -125,65 +125,6 @@ def _class_ranges(
     return starts, ends, torch.split(order, counts)
 
 
-def _fixed_shift_pass(
-    queries: Tensor,
-    inv_temp: float,
-    slots: Tensor,
-    starts: list[int],
-    ends: list[int],
-    members_by_class: tuple[Tensor, ...],
-    local_pos: Tensor,
-    chunk: int,
-) -> NCAStats:
-    """Every statistic in one pass over the slots, all relative to the fixed shift 1/T: each
-    weight is exp(logit) * exp(-1/T), the exp taken unshifted (no max pass, no rescaling) and
-    the shift applied to the B-sized sums, which keeps them <= the number of slots. Valid when
-    every logit lies within +-1/T (unit vectors, 1/T <= FIXED_SHIFT_MAX_INV_TEMP).
-
-    Each chunk's similarity product serves both kinds of terms: the same-class columns (one
-    contiguous range per class present in the batch) are copied out for their queries and
-    summed separately, then masked from the other-class sums. A separate same-class pass would
-    repeat the product over every same-class slot: with few classes (10 for Fashion-MNIST) that
-    is as much work as the other-class pass itself. The logits are produced in base 2 (log2(e)
-    folded into the queries with 1/T) because exp2 is about twice as fast as exp on CPU.
-    """
-    num_q, dim = queries.shape
-    device = queries.device
-    n = slots.shape[0]
-    scaled_queries = queries * (inv_temp * _LOG2_E)
-    shift_scale = math.exp(-inv_temp)
-    stats = NCAStats.empty(num_q, dim, device)
-    stats.max_other.fill_(inv_temp)
-    stats.max_same.fill_(inv_temp)
-    # One logits buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults
-    # (the allocator hands large blocks back to the OS) that are as slow as the product itself.
-    buffer = torch.empty(num_q * min(chunk, n), device=device)
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        block = slots[a:b]
-        block = block if block.dtype == torch.float32 else block.float()
-        logits = torch.mm(scaled_queries, block.t(), out=buffer[: num_q * (b - a)].view(num_q, b - a))
-        i = bisect.bisect_right(ends, a)
-        while i < len(starts) and starts[i] < b:
-            lo, hi = max(starts[i], a), min(ends[i], b)
-            if hi > lo:
-                members = members_by_class[i]
-                same = logits[members, lo - a : hi - a]  # a copy: the queries of this class
-                own_local = local_pos[members] - lo
-                own = (own_local >= 0) & (own_local < hi - lo)
-                if bool(own.any()):
-                    same[torch.nonzero(own).flatten(), own_local[own]] = -math.inf
-                same.exp2_()
-                stats.sum_same.index_add_(0, members, same.sum(dim=1), alpha=shift_scale)
-                stats.vec_same.index_add_(0, members, same @ block[lo - a : hi - a], alpha=shift_scale)
-                logits[:, lo - a : hi - a].index_fill_(0, members, -math.inf)
-            i += 1
-        logits.exp2_()
-        stats.sum_other.add_(logits.sum(dim=1), alpha=shift_scale)
-        stats.vec_other.addmm_(logits, block, alpha=shift_scale)
-    return stats
-
-
 def _other_class_pass(
     queries: Tensor,
     inv_temp: float,
@@ -192,17 +133,27 @@ def _other_class_pass(
     ends: list[int],
     members_by_class: tuple[Tensor, ...],
     chunk: int,
+    fixed_shift: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(max_other, sum_other, vec_other) over all slots of other classes, streamed in chunks
-    with a running max (any temperature, any slot norms)."""
+    """(max_other, sum_other, vec_other) over all slots of other classes, streamed in chunks.
+
+    ``fixed_shift``: every weight is exp(logit) * exp(-1/T), the exp taken unshifted (so no max
+    pass and no rescaling) and the shift applied to each chunk's B-sized sums, which keeps the
+    accumulators <= the number of slots. The logits are produced in base 2 (log2(e) folded into
+    the queries with 1/T) because exp2 is about twice as fast as exp on CPU. Otherwise: a running
+    max (any temperature).
+    """
     num_q, dim = queries.shape
     device = queries.device
     n = slots.shape[0]
     # Logits come straight out of the matrix product: the temperature is folded into the queries.
-    scaled_queries = queries * inv_temp
+    scaled_queries = queries * (inv_temp * _LOG2_E if fixed_shift else inv_temp)
     max_other = torch.full((num_q,), -math.inf, device=device)
     sum_other = torch.zeros(num_q, device=device)
     vec_other = torch.zeros(num_q, dim, device=device)
+    shift_scale = math.exp(-inv_temp) if fixed_shift else 1.0
+    # One logits buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults
+    # (the allocator hands large blocks back to the OS) that are as slow as the product itself.
     buffer = torch.empty(num_q * min(chunk, n), device=device)
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
@@ -217,6 +168,11 @@ def _other_class_pass(
             if hi > lo:
                 logits[:, lo - a : hi - a].index_fill_(0, members_by_class[i], -math.inf)
             i += 1
+        if fixed_shift:
+            logits.exp2_()
+            sum_other.add_(logits.sum(dim=1), alpha=shift_scale)
+            vec_other.addmm_(logits, block, alpha=shift_scale)
+            continue
         new_max = torch.maximum(max_other, logits.amax(dim=1))
         scale = _rescale(max_other, new_max)
         # Rows with no other-class slot so far stay all -inf: subtract 0, not -inf (NaN).
@@ -225,6 +181,8 @@ def _other_class_pass(
         sum_other = sum_other * scale + logits.sum(dim=1)
         vec_other = torch.addmm(vec_other * scale[:, None], logits, block)
         max_other = new_max
+    if fixed_shift:
+        max_other.fill_(inv_temp)
     return max_other, sum_other, vec_other
 
 
@@ -280,14 +238,14 @@ def _shard_stats(
     scaled = queries * inv_temp
     starts, ends, members_by_class = _class_ranges(query_labels, class_offsets, slot_start, n)
 
-    # Fixed shift: one pass for everything. Otherwise (or when the sums show slots far from
-    # unit norm, where some weight overflowed or underflowed): a running-max pass over all
-    # slots for the other-class terms, then the same-class slices on their own.
-    if inv_temp * float(queries.norm(dim=1).max()) <= FIXED_SHIFT_MAX_INV_TEMP:
-        fixed = _fixed_shift_pass(queries, inv_temp, slots, starts, ends, members_by_class, local_pos, chunk)
-        if _fixed_shift_sums_ok(fixed, query_labels, starts, ends, local_pos, n, inv_temp):
-            return fixed
-    max_other, sum_other, vec_other = _other_class_pass(queries, inv_temp, slots, starts, ends, members_by_class, chunk)
+    # Pass over all slots: other-class terms (similarities, then exp-weights times slots).
+    fixed = inv_temp * float(queries.norm(dim=1).max()) <= FIXED_SHIFT_MAX_INV_TEMP
+    args = (slots, starts, ends, members_by_class, chunk)
+    other = _other_class_pass(queries, inv_temp, *args, fixed_shift=fixed)
+    if fixed and not _fixed_shift_sums_ok(other[1], query_labels, starts, ends, n, inv_temp):
+        # Slots far from unit norm: some weight overflowed or underflowed; use the running max.
+        other = _other_class_pass(queries, inv_temp, *args, fixed_shift=False)
+    max_other, sum_other, vec_other = other
 
     # Same-class terms: each class present in the batch is one contiguous slice of slots.
     stats = NCAStats.empty(num_q, dim, device)
@@ -312,20 +270,18 @@ def _shard_stats(
 
 
 def _fixed_shift_sums_ok(
-    stats: NCAStats, query_labels: Tensor, starts: list[int], ends: list[int], local_pos: Tensor, n: int, inv_temp: float
+    sum_other: Tensor, query_labels: Tensor, starts: list[int], ends: list[int], n: int, inv_temp: float
 ) -> bool:
     """Fixed-shift sums are trustworthy when finite and, for every query with at least one
-    slot of the kind, no smaller than the smallest possible term exp(-2/T) (unit vectors)."""
-    if not all(bool(torch.isfinite(t).all()) for t in (stats.sum_other, stats.sum_same)):
+    other-class slot, no smaller than the smallest possible term exp(-2/T) (unit vectors)."""
+    if not bool(torch.isfinite(sum_other).all()):
         return False
-    device = stats.sum_other.device
     classes = torch.unique(query_labels)
-    sizes = torch.tensor(ends, device=device) - torch.tensor(starts, device=device)
+    sizes = torch.tensor(ends, device=sum_other.device) - torch.tensor(starts, device=sum_other.device)
     same_here = sizes[torch.searchsorted(classes, query_labels)]
-    own_here = ((local_pos >= 0) & (local_pos < n)).long()
+    has_other = same_here < n
     floor = math.exp(-2.0 * inv_temp) * (1 - 1e-3)
-    has_other, has_same = same_here < n, same_here - own_here > 0
-    return bool((stats.sum_other[has_other] >= floor).all()) and bool((stats.sum_same[has_same] >= floor).all())
+    return bool((sum_other[has_other] >= floor).all())
 
 
 @torch.no_grad()

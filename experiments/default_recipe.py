@@ -7,7 +7,8 @@ images for every run; the test set is never opened). ``--final``: the default co
 softmax baseline at the same recipe. Results are appended to a JSON file as each run finishes.
 
     python experiments/default_recipe.py --sweep base e20 e20-t0.1 e25      # docs/bench/default_recipe_sweep.json
-    python experiments/default_recipe.py --final --seeds 0 1 2               # docs/bench/default_recipe_final.json
+    python experiments/default_recipe.py --final --seeds 0 1 2 --losses nca  # docs/bench/default_recipe_final.json
+    python experiments/default_recipe.py --final --seeds 0 --losses softmax   # the baseline, appended
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main() -> None:
     parser.add_argument("--sweep", nargs="+", metavar="VARIANT", choices=list(VARIANTS), help="variants scored on the holdout")
     parser.add_argument("--final", action="store_true", help="the default command on the test set, per seed, + softmax")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--no-softmax", action="store_true", help="--final without the softmax baseline")
+    parser.add_argument("--losses", nargs="+", default=["nca", "softmax"], choices=["nca", "softmax"],
+                        help="--final: which models (the default command is nca; softmax is the baseline)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +81,7 @@ def main() -> None:
                     print(f"{name:<12} seed {seed}: holdout kNN top-1 {100 * r['knn_top1']:.2f} %  ({r['wall_s']:.0f} s)", flush=True)
             if args.final:
                 out = args.out or BENCH / "default_recipe_final.json"
-                for loss in ["nca"] + ([] if args.no_softmax else ["softmax"]):
+                for loss in args.losses:
                     cli = ["--seed", str(seed)] + (["--loss", "softmax"] if loss == "softmax" else [])
                     r = train(cli, Path(tmp) / f"final-{loss}-s{seed}")
                     record(out, {"loss": loss, "seed": seed, "evaluated_on": "test 10000", "load_avg": os.getloadavg()[0], **r})

@@ -6,7 +6,9 @@ a module here.
 
 Errors meant for users (:class:`~snca.errors.SncaError`, and missing files) print one line,
 ``snca: error: <what is wrong and what to do>``, and exit with status 2, without a traceback.
-Set ``SNCA_DEBUG=1`` to see the traceback anyway.
+Set ``SNCA_DEBUG=1`` to see the traceback anyway. Warnings print as one ``snca: warning: ...``
+line. SIGTERM stops a command as Ctrl-C does (a training run saves its state) and exits with
+143; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
